@@ -1,0 +1,65 @@
+"""Inference runtime: onnxruntime sessions and torch device selection."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def _providers() -> list[str]:
+    available = ort.get_available_providers()
+    providers = ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in available:
+        providers.insert(0, "CUDAExecutionProvider")
+    return providers
+
+
+class OnnxModel:
+    """An onnxruntime session over a serialized model (bytes) or a model file (Path)."""
+
+    def __init__(self, model: bytes | Path, threads: int | None = None) -> None:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads is not None:
+            if threads < 1:
+                raise ValueError(f"threads must be >= 1, got {threads}")
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        source = model if isinstance(model, bytes) else str(model)
+        self.session = ort.InferenceSession(source, sess_options=options, providers=_providers())
+        self.input_name: str = self.session.get_inputs()[0].name
+        self.output_name: str = self.session.get_outputs()[0].name
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """Run the model on one input array and return its first output."""
+        (out,) = self.session.run([self.output_name], {self.input_name: x})
+        return np.asarray(out)
+
+
+def select_device(setting: str) -> torch.device:
+    """Resolve "auto" | "cpu" | "cuda" to a torch device; raise if CUDA is asked but absent."""
+    choice = setting.strip().lower()
+    if choice == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    elif choice == "cpu":
+        device = torch.device("cpu")
+    elif choice == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                "device 'cuda' was requested but torch.cuda.is_available() is False "
+                "(no GPU or no CUDA-enabled torch build); use 'auto' or 'cpu'"
+            )
+        device = torch.device("cuda")
+    else:
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {setting!r}")
+    if device.type == "cuda":
+        logger.info("using device cuda (%s)", torch.cuda.get_device_name(device))
+    else:
+        logger.info("using device cpu (setting %r)", setting)
+    return device

@@ -1,0 +1,131 @@
+"""Suggestions for stored images (single and batch) and ad-hoc prediction."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+from fastapi import APIRouter, UploadFile
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service.api.images import read_upload
+from service.api.projects import promoted_model
+from service.context import AppContext
+from service.deps import AnnotatorKey, CtxDep, SessionDep, visible_image, visible_project
+from service.errors import APIError, not_found
+from service.imaging import ImageRejected
+from service.inference import (
+    LoadedModel,
+    predict_embeddings,
+    predict_image_bytes,
+    to_prediction,
+)
+from service.prediction import Prediction
+from service.schemas import SuggestionBatchIn, SuggestionBatchOut, SuggestionOut, TagScore
+from service.tables import Embedding, Image, ModelVersion, Suggestion
+
+router = APIRouter(prefix="/api/v1", tags=["suggestions"])
+
+
+def suggestion_out(pred: Prediction, model: LoadedModel, suggestion_id: str | None,
+                   image_id: int | None) -> SuggestionOut:
+    """Adapter: canonical prediction -> native API shape."""
+    return SuggestionOut(
+        suggestion_id=suggestion_id, image_id=image_id, model_id=model.model_id,
+        model_version=model.version, width=pred.width, height=pred.height,
+        tags=[TagScore(label=n, confidence=round(c, 6)) for n, c in pred.tags()],
+        boxes=[], scores=[TagScore(label=n, confidence=round(c, 6)) for n, c in pred.ranked()],
+    )
+
+
+def require_model(session: Session, project_id: int) -> ModelVersion:
+    """The promoted model or 409 ``no_model``."""
+    row = promoted_model(session, project_id)
+    if row is None:
+        raise APIError(409, "no_model", "this project has no trained model yet; label at least "
+                       "the minimum per class or start a training run")
+    return row
+
+
+def suggest(session: Session, ctx: AppContext, images: list[Image],
+            row: ModelVersion) -> list[SuggestionOut]:
+    """Suggestions for stored images, reusing the ones already served by this model."""
+    known = {s.image_id: s for s in session.scalars(select(Suggestion).where(
+        Suggestion.model_id == row.id, Suggestion.image_id.in_([i.id for i in images])))}
+    todo = [i for i in images if i.id not in known]
+    if todo:
+        model = ctx.models.get(row)
+        vectors = dict(session.execute(select(Embedding.image_id, Embedding.vector).where(
+            Embedding.backbone == row.backbone,
+            Embedding.image_id.in_([i.id for i in todo]))).all())
+        probs: dict[int, np.ndarray] = {}
+        embedded = [i for i in todo if i.id in vectors]
+        if embedded:
+            x = np.stack([np.frombuffer(vectors[i.id], np.float32) for i in embedded])
+            probs.update(zip([i.id for i in embedded], predict_embeddings(model, x), strict=True))
+        for image in todo:
+            if image.id not in probs:  # not embedded yet: run the whole pipeline on the file
+                data = ctx.blobs.get(image.storage_key)
+                probs[image.id] = predict_image_bytes(ctx.models, model, data,
+                                                      ctx.settings.max_image_pixels)
+        for image in todo:
+            pred = to_prediction(model, probs[image.id], image.width, image.height)
+            sid = uuid.uuid4().hex
+            out = suggestion_out(pred, model, sid, image.id)
+            suggestion = Suggestion(id=sid, project_id=image.project_id, image_id=image.id,
+                                    model_id=row.id, payload=out.model_dump(mode="json"))
+            try:
+                with session.begin_nested():
+                    session.add(suggestion)
+            except IntegrityError:  # served concurrently: keep the first one
+                suggestion = session.scalar(select(Suggestion).where(
+                    Suggestion.model_id == row.id, Suggestion.image_id == image.id))
+                assert suggestion is not None
+            known[image.id] = suggestion
+        session.commit()
+    return [SuggestionOut.model_validate(known[i.id].payload) for i in images]
+
+
+@router.get("/images/{iid}/suggestions", response_model=SuggestionOut)
+def image_suggestions(iid: int, session: SessionDep, ctx: CtxDep,
+                      key: AnnotatorKey) -> SuggestionOut:
+    """Suggested tags for a stored image from the promoted model (409 ``no_model`` before)."""
+    image = visible_image(session, key, iid)
+    return suggest(session, ctx, [image], require_model(session, image.project_id))[0]
+
+
+@router.post("/projects/{pid}/suggestions", response_model=SuggestionBatchOut)
+def batch_suggestions(pid: int, body: SuggestionBatchIn, session: SessionDep, ctx: CtxDep,
+                      key: AnnotatorKey) -> SuggestionBatchOut:
+    """Suggestions for many stored images of one project, in the order asked."""
+    visible_project(session, key, pid)
+    limit = ctx.settings.max_batch_suggestions
+    if len(body.image_ids) > limit:
+        raise APIError(422, "too_many_images", f"at most {limit} image ids per request")
+    row = require_model(session, pid)
+    found = {i.id: i for i in session.scalars(select(Image).where(
+        Image.project_id == pid, Image.id.in_(body.image_ids)))}
+    for iid in body.image_ids:
+        if iid not in found:
+            raise not_found("image", iid)
+    unique = list(dict.fromkeys(body.image_ids))
+    served = dict(zip(unique, suggest(session, ctx, [found[i] for i in unique], row),
+                      strict=True))
+    return SuggestionBatchOut(items=[served[i] for i in body.image_ids])
+
+
+@router.post("/projects/{pid}/predict", response_model=SuggestionOut)
+def predict(pid: int, file: UploadFile, session: SessionDep, ctx: CtxDep,
+            key: AnnotatorKey) -> SuggestionOut:
+    """Suggestions for an uploaded image (multipart ``file``); nothing is stored."""
+    visible_project(session, key, pid)
+    row = require_model(session, pid)
+    try:
+        data, info = read_upload(file, ctx)
+    except ImageRejected as exc:
+        raise APIError(exc.status, exc.code, exc.message) from exc
+    model = ctx.models.get(row)
+    probs = predict_image_bytes(ctx.models, model, data, ctx.settings.max_image_pixels)
+    return suggestion_out(to_prediction(model, probs, info.width, info.height), model, None, None)

@@ -1,0 +1,89 @@
+"""One typed settings object, read once from the environment (prefix ``PRELABEL_``)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Service settings; every field can be set as ``PRELABEL_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="PRELABEL_", env_file=None, extra="ignore")
+
+    environment: Literal["development", "production"] = "development"
+    data_dir: Path = Path("./data")
+    database_url: str = ""  # empty: SQLite file in data_dir
+    broker_url: str = ""  # empty: embedded filesystem broker under data_dir; else e.g. redis://
+    storage_dir: Path | None = None  # blob store folder; empty: data_dir/blobs
+    cache_dir: Path | None = None  # derived files (exported backbone); empty: data_dir/cache
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    admin_key: str = ""  # first admin key; empty: one is generated and shown once
+
+    max_upload_bytes: int = 20 * 1024 * 1024  # whole request body
+    max_image_pixels: int = 50_000_000
+    max_files_per_upload: int = 256
+    max_batch_suggestions: int = 256
+
+    min_labels_per_class: int = 5
+    retrain_after_new_labels: int = 10  # absolute floor of new labels before an automatic retrain
+    retrain_after_fraction: float = 0.2  # ...or this share of the labels the last run saw
+    max_train_attempts: int = 2  # a killed run is retried once, then FAILED (worker_lost)
+    lease_seconds: int = 30  # DB lease on a running run; heartbeats renew it
+    reconcile_interval_seconds: int = 10
+    requeue_after_seconds: int = 60  # re-send QUEUED runs / unembedded images older than this
+    validation_fraction: float = Field(0.2, ge=0.05, le=0.5)
+
+    worker_concurrency: int = 2
+    onnx_threads: int = 0  # 0: onnxruntime's default
+
+    @model_validator(mode="after")
+    def _refuse_unsafe_production(self) -> Settings:
+        if self.environment == "production":
+            if not self.database_url or self.database_url.startswith("sqlite"):
+                raise ValueError("production needs PRELABEL_DATABASE_URL (PostgreSQL)")
+            if not self.broker_url:
+                raise ValueError("production needs PRELABEL_BROKER_URL (e.g. redis://...)")
+            if self.admin_key and len(self.admin_key) < 24:
+                raise ValueError("PRELABEL_ADMIN_KEY must be at least 24 characters in production")
+        return self
+
+    @property
+    def db_url(self) -> str:
+        """The database URL, defaulting to an SQLite file in the data folder."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'prelabel.db').resolve()}"
+
+    @property
+    def blob_dir(self) -> Path:
+        """Folder of the local blob store."""
+        return (self.storage_dir or self.data_dir / "blobs").resolve()
+
+    @property
+    def cache_path(self) -> Path:
+        """Folder of derived, re-creatable files."""
+        return (self.cache_dir or self.data_dir / "cache").resolve()
+
+    @property
+    def embedded_broker(self) -> bool:
+        """True when no broker server is configured (filesystem transport)."""
+        return not self.broker_url
+
+    @property
+    def broker_dir(self) -> Path:
+        """Folder used by the embedded filesystem broker."""
+        return (self.data_dir / "broker").resolve()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings (read once)."""
+    return Settings()

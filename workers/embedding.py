@@ -1,0 +1,121 @@
+"""Embedding images with the pretrained backbone, and scoring them with a promoted model."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from models.uncertainty import uncertainty
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from models.backbone import INPUT_SIZE
+from models.preprocess import to_model_input
+from models.runtime import OnnxModel
+from service.imaging import ImageRejected, load_rgb
+from service.storage import BlobMissing
+from service.tables import Embedding, Image, ModelVersion
+from workers.context import WorkerContext
+
+log = logging.getLogger(__name__)
+BATCH = 32
+
+
+def _decode(ctx: WorkerContext, image: Image) -> np.ndarray | None:
+    try:
+        data = ctx.blobs.get(image.storage_key)
+        img = load_rgb(data, max_pixels=ctx.settings.max_image_pixels, draft_size=INPUT_SIZE)
+    except (BlobMissing, ImageRejected) as exc:
+        log.warning("image %s cannot be embedded: %s", image.id, exc)
+        return None
+    return to_model_input(img)
+
+
+def embed_arrays(ctx: WorkerContext, images: Sequence[Image]) -> dict[int, np.ndarray]:
+    """Embeddings for images; the next batch is decoded while the model runs on this one."""
+    out: dict[int, np.ndarray] = {}
+    batches = [images[i:i + BATCH] for i in range(0, len(images), BATCH)]
+
+    def decode(batch: Sequence[Image]) -> list[np.ndarray | None]:
+        return [_decode(ctx, im) for im in batch]
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(decode, batches[0]) if batches else None
+        for n, batch in enumerate(batches):
+            assert future is not None
+            arrays = future.result()
+            if n + 1 < len(batches):
+                future = pool.submit(decode, batches[n + 1])
+            ok = [(im, a) for im, a in zip(batch, arrays, strict=True) if a is not None]
+            if ok:
+                vectors = ctx.embedder.run(np.stack([a for _, a in ok]))
+                out.update((im.id, v.astype(np.float32))
+                           for (im, _), v in zip(ok, vectors, strict=True))
+    return out
+
+
+def ensure_embeddings(ctx: WorkerContext, session: Session, image_ids: Sequence[int]) -> int:
+    """Embed the given images that lack an embedding; returns how many were added."""
+    have = set(session.scalars(select(Embedding.image_id).where(
+        Embedding.backbone == ctx.backbone, Embedding.image_id.in_(image_ids))))
+    todo = list(session.scalars(select(Image).where(Image.id.in_(
+        [i for i in image_ids if i not in have])).order_by(Image.id)))
+    if not todo:
+        return 0
+    vectors = embed_arrays(ctx, todo)
+    added = 0
+    for image_id, vec in vectors.items():
+        try:  # idempotent: a redelivered job may race another worker
+            with session.begin_nested():
+                session.add(Embedding(image_id=image_id, backbone=ctx.backbone,
+                                      vector=vec.tobytes()))
+            added += 1
+        except IntegrityError:
+            pass
+    session.commit()
+    return added
+
+
+def embed_images(ctx: WorkerContext, image_ids: Sequence[int]) -> int:
+    """Task body: embed images, then score them with their project's promoted model."""
+    with ctx.sessions() as session:
+        added = ensure_embeddings(ctx, session, image_ids)
+        projects = set(session.scalars(select(Image.project_id).where(Image.id.in_(image_ids))))
+        for project_id in projects:
+            score_images(ctx, session, project_id, image_ids)
+        session.commit()
+    return added
+
+
+def promoted(session: Session, project_id: int) -> ModelVersion | None:
+    """The promoted version of a project."""
+    return session.scalar(select(ModelVersion).where(
+        ModelVersion.project_id == project_id, ModelVersion.promoted.is_(True)))
+
+
+def score_images(ctx: WorkerContext, session: Session, project_id: int,
+                 image_ids: Sequence[int] | None = None) -> int:
+    """Store the promoted model's uncertainty on unlabeled images (for order=uncertainty)."""
+    row = promoted(session, project_id)
+    if row is None:
+        return 0
+    head = OnnxModel(ctx.blobs.get(row.head_key, row.head_sha256), threads=1)
+    query = (select(Embedding.image_id, Embedding.vector)
+             .join(Image, Image.id == Embedding.image_id)
+             .where(Image.project_id == project_id, Image.labeled.is_(False),
+                    Embedding.backbone == row.backbone))
+    if image_ids is not None:
+        query = query.where(Image.id.in_(image_ids))
+    rows = session.execute(query).all()
+    thresholds = np.asarray(row.thresholds, np.float32)
+    for start in range(0, len(rows), 2048):
+        chunk = rows[start:start + 2048]
+        x = np.stack([np.frombuffer(v, np.float32) for _, v in chunk])
+        u = uncertainty(row.task, head.run(x), thresholds)  # type: ignore[arg-type]
+        session.execute(update(Image), [
+            {"id": iid, "uncertainty": float(val), "uncertainty_model_id": row.id}
+            for (iid, _), val in zip(chunk, u, strict=True)])
+    return len(rows)

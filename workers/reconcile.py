@@ -1,0 +1,86 @@
+"""The reconciler: re-sends jobs the broker lost (restart, wipe, killed worker).
+
+The database is the record of every job; the broker only carries ids. Every few seconds this
+looks for runs that should be moving but are not, and for images still lacking embeddings.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import timedelta
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.queue import JobQueue
+from service.settings import Settings
+from service.tables import Embedding, Image, TrainingRun, utcnow
+from workers.leases import owner_dead
+
+log = logging.getLogger(__name__)
+
+
+def stale_runs(session: Session, settings: Settings) -> list[int]:
+    """Runs to re-send: QUEUED and not sent recently, or RUNNING with a dead lease."""
+    now = utcnow()
+    cutoff = now - timedelta(seconds=settings.requeue_after_seconds)
+    not_recent = or_(TrainingRun.enqueued_at.is_(None), TrainingRun.enqueued_at < cutoff)
+    queued = select(TrainingRun.id).where(TrainingRun.status == "QUEUED", not_recent)
+    ids = list(session.scalars(queued))
+    running = session.execute(select(
+        TrainingRun.id, TrainingRun.lease_owner, TrainingRun.lease_expires_at,
+        TrainingRun.enqueued_at).where(TrainingRun.status == "RUNNING")).all()
+    lease_grace = timedelta(seconds=max(2, settings.reconcile_interval_seconds // 2))
+    for rid, owner, expires, enqueued in running:
+        expires = expires.replace(tzinfo=now.tzinfo) if expires and not expires.tzinfo else expires
+        enqueued = enqueued.replace(tzinfo=now.tzinfo) if enqueued and not enqueued.tzinfo \
+            else enqueued
+        dead = owner_dead(owner) or expires is None or expires < now
+        if dead and (enqueued is None or enqueued < now - lease_grace):
+            ids.append(rid)
+    return ids
+
+
+def reconcile_once(sessions: sessionmaker[Session], queue: JobQueue, settings: Settings) -> dict[
+        str, int]:
+    """One pass: re-send stale runs (each claimed by a conditional stamp) and embeddings."""
+    sent_runs = 0
+    with sessions() as session:
+        candidates = stale_runs(session, settings)
+    for rid in candidates:
+        with sessions.begin() as session:
+            # stamp first so that two reconcilers do not both re-send the same run
+            stamped = session.execute(update(TrainingRun).where(
+                TrainingRun.id == rid, TrainingRun.status.in_(("QUEUED", "RUNNING")))
+                .values(enqueued_at=utcnow())).rowcount
+        if stamped and queue.send_train(sessions, rid):
+            sent_runs += 1
+    cutoff = utcnow() - timedelta(seconds=settings.requeue_after_seconds)
+    with sessions() as session:
+        missing = list(session.scalars(
+            select(Image.id).outerjoin(Embedding, and_(Embedding.image_id == Image.id))
+            .where(Embedding.image_id.is_(None), Image.created_at < cutoff)
+            .order_by(Image.id).limit(2048)))
+    if missing:
+        queue.send_embed(missing)
+    if sent_runs or missing:
+        log.info("reconciler re-sent %d runs and %d embeddings", sent_runs, len(missing))
+    return {"runs": sent_runs, "embeddings": len(missing)}
+
+
+class Reconciler(threading.Thread):
+    """Background thread in the worker's main process."""
+
+    def __init__(self, sessions: sessionmaker[Session], queue: JobQueue,
+                 settings: Settings) -> None:
+        super().__init__(daemon=True, name="prelabel-reconciler")
+        self.sessions, self.queue, self.settings = sessions, queue, settings
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.settings.reconcile_interval_seconds):
+            try:
+                reconcile_once(self.sessions, self.queue, self.settings)
+            except Exception:  # DB or broker down: try again next tick
+                log.warning("reconciler pass failed", exc_info=True)
