@@ -25,6 +25,10 @@ _MAX_ITER = 100
 _BIAS_PRIOR_VAR = 100.0  # weak prior: keeps biases of classes with no examples finite
 
 
+class _DivergedError(Exception):
+    """The training loss became NaN or infinite."""
+
+
 @dataclass
 class HeadParams:
     """A trained linear head: probs = activation((x @ weight.T + bias) / temperature)."""
@@ -87,6 +91,57 @@ def _validate(x: np.ndarray, y: np.ndarray, task: Task, num_classes: int) -> Non
         raise ValueError(f"task must be 'multiclass' or 'multilabel', got {task!r}")
 
 
+def _fit(
+    feats: torch.Tensor,
+    target: torch.Tensor,
+    task: Task,
+    num_classes: int,
+    progress: Callable[[float], None] | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Minimise the penalised loss with L-BFGS; raise _DivergedError on a non-finite loss."""
+    weight = torch.zeros(num_classes, feats.shape[1], device=feats.device, requires_grad=True)
+    bias = torch.zeros(num_classes, device=feats.device, requires_grad=True)
+    optimizer = torch.optim.LBFGS(
+        [weight, bias],
+        lr=1.0,
+        max_iter=_MAX_ITER,
+        tolerance_grad=1e-5,
+        tolerance_change=1e-9,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
+    max_eval = _MAX_ITER * 5 // 4  # torch's default cap on function evaluations
+    prior = _WEIGHT_PRIOR[task]
+    evals = 0
+
+    def objective() -> torch.Tensor:
+        scores = feats @ weight.T + bias
+        if task == "multiclass":
+            data = F.cross_entropy(scores, target, reduction="sum")
+        else:
+            data = F.binary_cross_entropy_with_logits(scores, target, reduction="sum")
+        penalty = prior * weight.square().sum() + bias.square().sum() / _BIAS_PRIOR_VAR
+        return data + 0.5 * penalty
+
+    def closure() -> torch.Tensor:
+        nonlocal evals
+        optimizer.zero_grad()
+        loss = objective()
+        if not torch.isfinite(loss):
+            raise _DivergedError
+        loss.backward()
+        evals += 1
+        if progress is not None:
+            progress(min(evals / max_eval, 0.99))
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        if not torch.isfinite(objective()):
+            raise _DivergedError
+    return weight.detach().cpu().numpy(), bias.detach().cpu().numpy()
+
+
 def train_head(
     x: np.ndarray,
     y: np.ndarray,
@@ -98,67 +153,27 @@ def train_head(
 ) -> HeadParams:
     """Fit a linear head on embeddings ``x`` [N,D]; ``y`` is [N] class ids or [N,C] in {0,1}.
 
-    Deterministic: full-batch L-BFGS from zero weights (``seed`` seeds torch's RNG locally for
-    API stability; the solver itself draws no random numbers). Raises ValueError on degenerate
-    input or a non-finite loss.
+    Deterministic: full-batch L-BFGS on a convex loss from zero weights draws no random numbers,
+    so ``seed`` (kept for interface stability) cannot change the result. Raises ValueError on
+    degenerate input or a non-finite loss. ``progress`` receives fractions in (0, 1].
     """
     x = np.asarray(x)
     y = np.asarray(y)
     _validate(x, y, task, num_classes)
-    n, dim = x.shape
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        feats = torch.as_tensor(x, dtype=torch.float32, device=device)
-        if task == "multiclass":
-            target = torch.as_tensor(y, dtype=torch.long, device=device)
-        else:
-            target = torch.as_tensor(y, dtype=torch.float32, device=device)
-        weight = torch.zeros(num_classes, dim, device=device, requires_grad=True)
-        bias = torch.zeros(num_classes, device=device, requires_grad=True)
-        optimizer = torch.optim.LBFGS(
-            [weight, bias],
-            lr=1.0,
-            max_iter=_MAX_ITER,
-            tolerance_grad=1e-5,
-            tolerance_change=1e-9,
-            history_size=20,
-            line_search_fn="strong_wolfe",
-        )
-        max_eval = _MAX_ITER * 5 // 4
-        prior = _WEIGHT_PRIOR[task]
-        evals = 0
-
-        def objective() -> torch.Tensor:
-            scores = feats @ weight.T + bias
-            if task == "multiclass":
-                data = F.cross_entropy(scores, target, reduction="sum")
-            else:
-                data = F.binary_cross_entropy_with_logits(scores, target, reduction="sum")
-            penalty = prior * weight.square().sum() + bias.square().sum() / _BIAS_PRIOR_VAR
-            return data + 0.5 * penalty
-
-        def closure() -> torch.Tensor:
-            nonlocal evals
-            optimizer.zero_grad()
-            loss = objective()
-            loss.backward()
-            evals += 1
-            if progress is not None:
-                progress(min(evals / max_eval, 0.99))
-            return loss
-
-        optimizer.step(closure)
-        with torch.no_grad():
-            final = objective().item() / n
-        w = weight.detach().cpu().numpy()
-        b = bias.detach().cpu().numpy()
-    if not (np.isfinite(final) and np.isfinite(w).all() and np.isfinite(b).all()):
-        raise ValueError("head training diverged: the loss became NaN or infinite")
+    feats = torch.as_tensor(x, dtype=torch.float32, device=device)
+    target_dtype = torch.long if task == "multiclass" else torch.float32
+    target = torch.as_tensor(y, dtype=target_dtype, device=device)
+    try:
+        weight, bias = _fit(feats, target, task, num_classes, progress)
+    except _DivergedError:
+        raise ValueError("head training diverged: the loss became NaN or infinite") from None
+    if not (np.isfinite(weight).all() and np.isfinite(bias).all()):
+        raise ValueError("head training diverged: the weights became NaN or infinite")
     if progress is not None:
         progress(1.0)
     return HeadParams(
-        weight=w,
-        bias=b,
+        weight=weight,
+        bias=bias,
         activation="softmax" if task == "multiclass" else "sigmoid",
         temperature=1.0,
     )

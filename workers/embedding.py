@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from models.uncertainty import uncertainty
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -15,6 +14,7 @@ from sqlalchemy.orm import Session
 from models.backbone import INPUT_SIZE
 from models.preprocess import to_model_input
 from models.runtime import OnnxModel
+from models.uncertainty import uncertainty
 from service.imaging import ImageRejected, load_rgb
 from service.storage import BlobMissing
 from service.tables import Embedding, Image, ModelVersion

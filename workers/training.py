@@ -6,11 +6,12 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-from models.heads import HeadParams, predict_proba, train_head
-from models.metrics import choose_thresholds, classification_metrics
+import torch
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from models.heads import HeadParams, predict_proba, train_head
+from models.metrics import choose_thresholds, classification_metrics
 from models.onnx_export import build_head_onnx, merge_pipeline
 from models.runtime import OnnxModel, select_device
 from service.storage import model_key, sha256_hex
@@ -29,7 +30,7 @@ from workers.embedding import ensure_embeddings, promoted, score_images
 from workers.leases import Claim, Heartbeat, claim, finish, owner_id
 
 log = logging.getLogger(__name__)
-MIN_TRAIN_PER_CLASS = 3  # a class keeps at least this many images out of validation
+MAX_FOLDS = 5
 KIND = "frozen_linear"
 
 
@@ -65,31 +66,27 @@ def hash_fraction(sha256: str) -> float:
     return int(sha256[:8], 16) / 2**32
 
 
-def split(data: LabeledSet, task: str, num_classes: int, fraction: float) -> tuple[
-        np.ndarray, np.ndarray]:
-    """Stable hold-out split by content hash; every class keeps a few training images.
+def assign_folds(data: LabeledSet, task: str, max_folds: int = MAX_FOLDS) -> tuple[
+        np.ndarray, int]:
+    """Stable cross-validation folds (stratified by class for multiclass); (fold ids, k).
 
-    The same image stays on the same side across runs, so successive models are compared on
-    images none of them trained on.
+    k is at most the label count of the rarest labeled class, so every fold's training part
+    sees every labeled class; k = 0 when some class has a single label.
     """
-    frac = np.array([hash_fraction(s) for s in data.sha256])
-    val = frac < fraction
-    onehot = _onehot(data.y, task, num_classes)
-    for i in np.argsort(-frac):  # move back the val images whose classes are short
-        if not val[i]:
-            continue
-        train_counts = onehot[~val].sum(axis=0)
-        if np.any((onehot[i] > 0) & (train_counts < MIN_TRAIN_PER_CLASS)):
-            val[i] = False
-    return np.flatnonzero(~val), np.flatnonzero(val)
-
-
-def _onehot(y: np.ndarray, task: str, num_classes: int) -> np.ndarray:
-    if task == "multilabel":
-        return y.astype(np.float32)
-    out = np.zeros((len(y), num_classes), np.float32)
-    out[np.arange(len(y)), y] = 1
-    return out
+    order = np.argsort([hash_fraction(s) for s in data.sha256], kind="stable")
+    folds = np.zeros(len(order), np.int64)
+    if task == "multiclass":
+        counts = np.bincount(data.y)
+        k = int(min(max_folds, counts[counts > 0].min()))
+        for c in np.flatnonzero(counts):
+            members = [i for i in order if data.y[i] == c]
+            folds[members] = np.arange(len(members)) % max(k, 1)
+    else:
+        positives = data.y.sum(axis=0)
+        present = positives[positives > 0]
+        k = int(min(max_folds, present.min() if present.size else 0, len(order)))
+        folds[order] = np.arange(len(order)) % max(k, 1)
+    return folds, (k if k >= 2 else 0)
 
 
 def load_labeled(ctx: WorkerContext, session: Session, project: Project,
@@ -135,15 +132,19 @@ def primary_score(task: str, metrics: dict[str, object]) -> float | None:
 
 
 def compare_with_promoted(ctx: WorkerContext, current: ModelVersion | None, task: str,
-                          classes: list[str], data: LabeledSet, val: np.ndarray,
-                          new_probs: np.ndarray, thresholds: np.ndarray) -> tuple[bool, str]:
-    """Promote unless the candidate is worse than the promoted model on the same images."""
+                          classes: list[str], data: LabeledSet, oof: np.ndarray | None,
+                          thresholds: np.ndarray) -> tuple[bool, str]:
+    """Promote unless the candidate is worse than the promoted model on the same images.
+
+    The images are the labeled ones the promoted model never trained on; the candidate is
+    judged by its out-of-fold predictions there, so neither side has seen them.
+    """
     if current is None:
         return True, "first model of the project"
     seen = set(current.train_image_ids)
-    shared = np.array([i for i in val if data.image_ids[i] not in seen], dtype=np.int64)
-    if len(shared) == 0:
-        return True, "no validation images unseen by the promoted model; promoted as newer"
+    shared = np.array([i for i, iid in enumerate(data.image_ids) if iid not in seen], np.int64)
+    if oof is None or len(shared) == 0:
+        return True, "no labeled images unseen by the promoted model; promoted as newer"
     head = OnnxModel(ctx.blobs.get(current.head_key, current.head_sha256), threads=1)
     old_raw = head.run(data.x[shared])
     old = np.zeros((len(shared), len(classes)), np.float32)  # old model's classes, new order
@@ -153,33 +154,32 @@ def compare_with_promoted(ctx: WorkerContext, current: ModelVersion | None, task
             old[:, classes.index(name)] = old_raw[:, j]
             old_thr[classes.index(name)] = current.thresholds[j]
     y = data.y[shared]
-    new_score = primary_score(task, classification_metrics(
-        task, y, new_probs[np.searchsorted(val, shared)], classes, thresholds))
+    new_score = primary_score(task, classification_metrics(task, y, oof[shared], classes,
+                                                           thresholds))
     old_score = primary_score(task, classification_metrics(task, y, old, classes, old_thr))
     if new_score is None or old_score is None:
-        return True, "no comparable score on shared validation images; promoted as newer"
-    verdict = f"{new_score:.4f} vs promoted v{current.version} {old_score:.4f} " \
-              f"on {len(shared)} shared validation images"
+        return True, "no comparable score on shared images; promoted as newer"
+    verdict = (f"{new_score:.4f} vs promoted v{current.version} {old_score:.4f} "
+               f"on {len(shared)} labeled images neither model trained on")
     if new_score + 1e-9 >= old_score:
         return True, "not worse: " + verdict
     return False, "kept unpromoted, worse: " + verdict
 
 
-def _thresholds(task: str, data: LabeledSet, train: np.ndarray,
-                num_classes: int, device: object) -> np.ndarray:
-    """Per-class thresholds from out-of-fold predictions on the training split (multilabel)."""
-    if task != "multilabel" or len(train) < 6:
-        return np.full(num_classes, 0.5, np.float32)
-    folds = np.arange(len(train)) % 3
-    oof = np.zeros((len(train), num_classes), np.float32)
-    for k in range(3):
-        fit, hold = train[folds != k], train[folds == k]
-        try:
-            p = train_head(data.x[fit], data.y[fit], "multilabel", num_classes, device)  # type: ignore[arg-type]
-        except ValueError:
-            return np.full(num_classes, 0.5, np.float32)
-        oof[folds == k] = predict_proba(p, data.x[hold])
-    return choose_thresholds(data.y[train], oof).astype(np.float32)
+def out_of_fold(data: LabeledSet, task: str, num_classes: int, device: torch.device,
+                hb: Heartbeat) -> tuple[np.ndarray | None, int]:
+    """Cross-validated probabilities for every labeled image (None when labels are too few)."""
+    folds, k = assign_folds(data, task)
+    if k == 0:
+        return None, 0
+    oof = np.zeros((len(data.image_ids), num_classes), np.float32)
+    for f in range(k):
+        _check(hb)
+        fit, hold = folds != f, folds == f
+        params = train_head(data.x[fit], data.y[fit], task, num_classes, device)  # type: ignore[arg-type]
+        oof[hold] = predict_proba(params, data.x[hold])
+        hb.progress(0.2 + 0.5 * (f + 1) / (k + 1), "cross-validating")
+    return oof, k
 
 
 def train_run(ctx: WorkerContext, run_id: int) -> Claim | str:
@@ -228,33 +228,33 @@ def _train(ctx: WorkerContext, run_id: int, owner: str, hb: Heartbeat) -> str:
             raise RunFailed("one_class", "multiclass training needs labels of at least two "
                             f"classes; only {[classes[i] for i in present]} are labeled")
         _check(hb)
-        train, val = split(data, task, len(classes), settings.validation_fraction)
         device = select_device(settings.device)
         session.execute(update(TrainingRun).where(TrainingRun.id == run_id)
                         .values(device=device.type, labels_seen=len(data.image_ids)))
         session.commit()
-        hb.progress(0.2, "training")
+        hb.progress(0.2, "cross-validating")
         try:
-            params: HeadParams = train_head(
-                data.x[train], data.y[train], task, len(classes), device,  # type: ignore[arg-type]
-                progress=lambda p: hb.progress(0.2 + 0.5 * p, "training"))
-            params.thresholds = _thresholds(task, data, train, len(classes), device)
+            oof, k = out_of_fold(data, task, len(classes), device, hb)
+            thresholds = np.full(len(classes), 0.5, np.float32)
+            if task == "multilabel" and oof is not None:
+                thresholds = choose_thresholds(data.y, oof).astype(np.float32)
+            hb.progress(0.7, "training")
+            # the served model learns from every label; CV above measured how well that works
+            params: HeadParams = train_head(data.x, data.y, task, len(classes), device)  # type: ignore[arg-type]
+            params.thresholds = thresholds
         except ValueError as exc:
             raise RunFailed("degenerate_labels", str(exc)) from exc
-        _check(hb)
-        hb.progress(0.75, "evaluating")
-        val_probs = predict_proba(params, data.x[val]) if len(val) else np.zeros((0, 0))
-        if len(val):
-            metrics = classification_metrics(task, data.y[val], val_probs, classes,
-                                             params.thresholds)
+        if oof is not None:
+            metrics = classification_metrics(task, data.y, oof, classes, thresholds)
         else:
-            metrics = {"task": task, "n_images": 0, "note": "no validation images yet"}
-        metrics.update(labeled_images=len(data.image_ids), train_images=len(train),
-                       validation_images=len(val),
-                       validation="stable hold-out by image hash, never trained on")
+            metrics = {"task": task, "n_images": 0,
+                       "note": "too few labels per class to validate (need 2+ per class)"}
+        metrics.update(labeled_images=len(data.image_ids), folds=k,
+                       validation=f"{k}-fold cross-validation: every figure comes from a model "
+                       "that did not train on the image")
         current = promoted(session, project.id)
-        promote, note = compare_with_promoted(ctx, current, task, classes, data, val,
-                                              val_probs, params.thresholds)
+        promote, note = compare_with_promoted(ctx, current, task, classes, data, oof,
+                                              thresholds)
         _check(hb)
         hb.progress(0.85, "exporting")
         head = build_head_onnx(params.weight, params.bias, params.activation,
@@ -268,7 +268,7 @@ def _train(ctx: WorkerContext, run_id: int, owner: str, hb: Heartbeat) -> str:
         hb.progress(0.95, "publishing")
         model_id = _publish(ctx, session, run_id, owner, project.id, task, classes, device.type,
                             keys, head, pipeline, params, metrics,
-                            [data.image_ids[i] for i in train], promote, note)
+                            list(data.image_ids), promote, note)
         if promote:
             score_images(ctx, session, project.id)
             session.commit()

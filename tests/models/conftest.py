@@ -39,9 +39,7 @@ class CardData:
 
 def embed(model: OnnxModel, images: Sequence[Image.Image]) -> np.ndarray:
     """Embed images in batches through the single preprocessing path."""
-    parts = [
-        model.run(batch_inputs(images[i : i + _BATCH])) for i in range(0, len(images), _BATCH)
-    ]
+    parts = [model.run(batch_inputs(images[i : i + _BATCH])) for i in range(0, len(images), _BATCH)]
     return np.concatenate(parts)
 
 

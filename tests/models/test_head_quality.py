@@ -11,15 +11,17 @@ import numpy as np
 import torch
 
 from models.heads import predict_proba, train_head
-from models.metrics import choose_thresholds, classification_metrics
+from models.metrics import classification_metrics
 from tests.models.cards import CLASSES
 from tests.models.conftest import SHOTS, CardData
 
 CPU = torch.device("cpu")
-MEASURED_MULTICLASS_ACCURACY = 0.0
-MULTICLASS_ACCURACY_FLOOR = 0.0
-MEASURED_MULTILABEL_MAP = 0.0
-MULTILABEL_MAP_FLOOR = 0.0
+# Measured with this exact split (5 seeded crops per class; all 143 test crops; 90 seeded
+# train images for multilabel, all 67 test images).
+MEASURED_MULTICLASS_ACCURACY = 0.636
+MULTICLASS_ACCURACY_FLOOR = 0.53
+MEASURED_MULTILABEL_MAP = 0.614
+MULTILABEL_MAP_FLOOR = 0.51
 
 
 def test_multiclass_few_shot_accuracy(cards: CardData) -> None:
@@ -31,11 +33,10 @@ def test_multiclass_few_shot_accuracy(cards: CardData) -> None:
         cards.train_x, cards.train_y, "multiclass", len(CLASSES), CPU, progress=seen.append
     )
     elapsed = time.perf_counter() - start
-    assert elapsed < 5.0
+    assert elapsed < 10.0  # ~0.2-0.6 s on an idle 2-core machine; generous for shared CI
     assert seen and seen[-1] == 1.0 and seen == sorted(seen)
     probs = predict_proba(head, cards.test_x)
     report = classification_metrics("multiclass", cards.test_y, probs, CLASSES)
-    print("multiclass", report["accuracy"], report["macro_ap"], elapsed)
     assert report["accuracy"] >= MULTICLASS_ACCURACY_FLOOR
     assert report["n_images"] == len(cards.test_y)
 
@@ -45,12 +46,9 @@ def test_multilabel_image_tags_map(cards: CardData) -> None:
     assert head.activation == "sigmoid"
     probs = predict_proba(head, cards.ml_test_x)
     report = classification_metrics("multilabel", cards.ml_test_y, probs, CLASSES)
-    tuned = choose_thresholds(cards.ml_train_y, predict_proba(head, cards.ml_train_x))
-    tuned_report = classification_metrics(
-        "multilabel", cards.ml_test_y, probs, CLASSES, thresholds=tuned
-    )
-    print("multilabel", report["map"], report["micro_f1"], tuned_report["micro_f1"], tuned)
     assert report["map"] >= MULTILABEL_MAP_FLOOR
+    assert report["map"] == report["macro_ap"]
+    assert 0.0 <= report["micro_f1"] <= 1.0
 
 
 def test_training_is_deterministic(cards: CardData) -> None:
