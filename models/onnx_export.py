@@ -22,7 +22,7 @@ PROBS_OUTPUT = "probs"
 
 def export_backbone_onnx(path: Path) -> None:
     """Export EmbeddingModel to ``path``: "image" uint8 [N,224,224,3] -> "embedding" [N,1280]."""
-    import torch
+    import torch  # imported here: building and merging heads must not need torch
 
     from models.backbone import INPUT_SIZE, EmbeddingModel
 
