@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -13,13 +14,13 @@ import torch.nn.functional as F
 Task = Literal["multiclass", "multilabel"]
 Activation = Literal["softmax", "sigmoid"]
 
-# Solver and regularisation, chosen by measurement on real photo sets (cards crops, BCCD cells;
-# 5-70 labels per class; see models/README.md): full-batch L-BFGS on the raw embeddings, loss summed
-# over samples plus 0.5 * prior * ||W||^2 (a Gaussian prior on the weights, i.e. mean loss with
-# L2 = prior/N). For multiclass, prior 1 tracked the best fixed-L2 value at every label count;
-# for multilabel (cards whole images, validation split) prior 3 gave the same mAP as 1 with a
-# better log loss (0.49-0.54 vs 0.55-0.60). Label smoothing and cross-validated temperature
-# scaling did not help consistently and were left out.
+# Solver and regularisation, chosen by measurement on real photo sets (card crops, BCCD cells;
+# 5-70 labels per class; see models/README.md): full-batch L-BFGS on the raw embeddings, loss
+# summed over samples plus 0.5 * prior * ||W||^2 (a Gaussian prior on the weights, i.e. mean
+# loss with L2 = prior/N). For multiclass, prior 1 tracked the best fixed L2 at every label
+# count; for multilabel (cards whole images, validation split) prior 3 gave the same mAP as 1
+# with a better log loss (0.49-0.54 vs 0.55-0.60). Label smoothing and temperature scaling
+# (cross-validated or on a held-out split) did not help consistently and were left out.
 _WEIGHT_PRIOR: dict[str, float] = {"multiclass": 1.0, "multilabel": 3.0}
 _MAX_ITER = 100
 _BIAS_PRIOR_VAR = 100.0  # weak prior: keeps biases of classes with no examples finite
@@ -46,9 +47,9 @@ class HeadParams:
             raise ValueError(
                 f"expected weight [C,D] and bias [C], got {self.weight.shape} and {self.bias.shape}"
             )
+        self.thresholds = np.asarray(self.thresholds, dtype=np.float32)
         if self.thresholds.size == 0:
             self.thresholds = np.full(self.num_classes, 0.5, dtype=np.float32)
-        self.thresholds = np.asarray(self.thresholds, dtype=np.float32)
         if self.thresholds.shape != (self.num_classes,):
             raise ValueError(
                 f"expected thresholds [{self.num_classes}], got {self.thresholds.shape}"
@@ -89,6 +90,24 @@ def _validate(x: np.ndarray, y: np.ndarray, task: Task, num_classes: int) -> Non
             raise ValueError("multilabel training needs at least one positive label")
     else:
         raise ValueError(f"task must be 'multiclass' or 'multilabel', got {task!r}")
+
+
+@contextmanager
+def _single_thread_on_cpu(device: torch.device) -> Iterator[None]:
+    """Run the tiny full-batch solve on one intra-op thread (restored afterwards).
+
+    Its ops are far too small to gain from threads, and on a busy 2-core machine multi-threaded
+    torch was 5-20x slower (e.g. 3.5 s vs 0.2 s for 30 samples).
+    """
+    if device.type != "cpu":
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _fit(
@@ -164,7 +183,8 @@ def train_head(
     target_dtype = torch.long if task == "multiclass" else torch.float32
     target = torch.as_tensor(y, dtype=target_dtype, device=device)
     try:
-        weight, bias = _fit(feats, target, task, num_classes, progress)
+        with _single_thread_on_cpu(device):
+            weight, bias = _fit(feats, target, task, num_classes, progress)
     except _DivergedError:
         raise ValueError("head training diverged: the loss became NaN or infinite") from None
     if not (np.isfinite(weight).all() and np.isfinite(bias).all()):

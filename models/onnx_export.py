@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -107,6 +108,12 @@ def merge_pipeline(backbone_onnx: bytes, head_onnx: bytes) -> bytes:
     """Chain backbone and head into one model: "image" uint8 -> "probs"."""
     backbone = onnx.load_model_from_string(backbone_onnx)
     head = onnx.load_model_from_string(head_onnx)
+    produced, consumed = (
+        _last_dim(backbone.graph.output, EMBEDDING),
+        _last_dim(head.graph.input, EMBEDDING),
+    )
+    if produced != consumed:
+        raise ValueError(f"backbone embeds to {produced} dims but the head expects {consumed}")
     if head.ir_version != backbone.ir_version:
         head.ir_version = backbone.ir_version
     merged = onnx.compose.merge_models(
@@ -115,3 +122,10 @@ def merge_pipeline(backbone_onnx: bytes, head_onnx: bytes) -> bytes:
         io_map=[(EMBEDDING, EMBEDDING)],
     )
     return merged.SerializeToString()
+
+
+def _last_dim(values: Sequence[onnx.ValueInfoProto], name: str) -> int:
+    for value in values:
+        if value.name == name:
+            return int(value.type.tensor_type.shape.dim[-1].dim_value)
+    raise ValueError(f"model has no {name!r} tensor among {[v.name for v in values]}")

@@ -8,6 +8,7 @@ from service.api import annotations, health, images, projects, suggestions, trai
 from service.context import build_context
 from service.errors import install_error_handlers
 from service.limits import BodySizeLimit
+from service.schemas import ERROR_RESPONSES
 from service.settings import Settings, get_settings
 
 
@@ -22,6 +23,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.ctx = build_context(settings)
     install_error_handlers(app)
     for module in (health, projects, images, annotations, suggestions, training):
-        app.include_router(module.router)
+        app.include_router(module.router, responses=ERROR_RESPONSES)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
     return app

@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from service.auth import lookup_key, role_allows
 from service.context import AppContext
 from service.errors import APIError, not_found
+from service.schemas import MAX_ID
 from service.tables import ApiKey, Image, Project
 
 _bearer = HTTPBearer(auto_error=False, description="API key: `Authorization: Bearer <key>`")
@@ -22,6 +23,7 @@ def get_ctx(request: Request) -> AppContext:
     return request.app.state.ctx  # type: ignore[no-any-return]
 
 
+PathId = Annotated[int, Path(ge=1, le=MAX_ID, description="numeric id")]
 CtxDep = Annotated[AppContext, Depends(get_ctx)]
 
 

@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 Task = Literal["multiclass", "multilabel", "detection"]
 Source = Literal["manual", "suggestion_accepted", "suggestion_corrected"]
 RunStatus = Literal["QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"]
+MAX_ID = 2**31 - 1  # ids are 32-bit in every database we support
+DbId = Annotated[int, Field(ge=1, le=MAX_ID)]
 ClassName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
 
 
@@ -160,7 +162,7 @@ class SuggestionOut(BaseModel):
 
 
 class SuggestionBatchIn(Strict):
-    image_ids: list[int] = Field(min_length=1)
+    image_ids: list[DbId] = Field(min_length=1)
 
 
 class SuggestionBatchOut(BaseModel):
@@ -229,7 +231,7 @@ class ProjectStats(BaseModel):
 class ApiKeyCreate(Strict):
     name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
     role: Literal["annotator", "operator", "admin"]
-    project_id: int | None = None
+    project_id: DbId | None = None
 
 
 class ApiKeyOut(BaseModel):
@@ -240,3 +242,22 @@ class ApiKeyOut(BaseModel):
     project_id: int | None
     created_at: datetime
     key: str | None = Field(default=None, description="the plain key, returned once at creation")
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="stable machine-readable code, e.g. image_too_large")
+    message: str
+    details: dict[str, Any]
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": text} for status, text in (
+        (401, "missing or invalid API key"), (403, "the key's role does not allow this"),
+        (404, "not found (or not visible to this key)"), (409, "conflict with the current state"),
+        (413, "request or image too large"), (415, "unsupported media type"),
+        (422, "invalid input"), (503, "database or storage unavailable"))
+}

@@ -19,7 +19,9 @@ from sqlalchemy import (
     UniqueConstraint,
     text,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
 
 
 def utcnow() -> datetime:
@@ -31,7 +33,24 @@ class Base(DeclarativeBase):
     """Declarative base of every table."""
 
 
-Stamp = DateTime(timezone=True)
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timestamps stored as UTC and always read back timezone-aware (SQLite drops the zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value
+
+
+Stamp = UTCDateTime
 
 
 class Project(Base):
@@ -39,7 +58,7 @@ class Project(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
     task: Mapped[str] = mapped_column(String(20))  # multiclass | multilabel | detection
-    created_at: Mapped[datetime] = mapped_column(Stamp, default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(Stamp(), default=utcnow)
     # labels counted at the moment the last run was created: the retrain policy compares to it
     labels_at_last_run: Mapped[int] = mapped_column(Integer, default=0)
 
@@ -50,7 +69,7 @@ class ProjectClass(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
     name: Mapped[str] = mapped_column(String(100))
-    created_at: Mapped[datetime] = mapped_column(Stamp, default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(Stamp(), default=utcnow)
 
 
 class Image(Base):
@@ -72,7 +91,7 @@ class Image(Base):
     # latest promoted model's uncertainty on this image (for order=uncertainty)
     uncertainty: Mapped[float | None] = mapped_column(Float, nullable=True)
     uncertainty_model_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    created_at: Mapped[datetime] = mapped_column(Stamp, default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(Stamp(), default=utcnow)
 
 
 class Embedding(Base):
@@ -82,7 +101,7 @@ class Embedding(Base):
     )
     backbone: Mapped[str] = mapped_column(String(80), primary_key=True)
     vector: Mapped[bytes] = mapped_column(LargeBinary)  # float32, little-endian
-    created_at: Mapped[datetime] = mapped_column(Stamp, default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(Stamp(), default=utcnow)
 
 
 class Annotation(Base):
@@ -99,7 +118,7 @@ class Annotation(Base):
     )
     author_key_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     is_current: Mapped[bool] = mapped_column(Boolean, default=True)
-    created_at: Mapped[datetime] = mapped_column(Stamp, default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(Stamp(), default=utcnow)
 
 
 class Suggestion(Base):
@@ -112,7 +131,7 @@ class Suggestion(Base):
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
     model_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id", ondelete="CASCADE"))
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
-    created_at: Mapped[datetime] = mapped_column(Stamp, default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(Stamp(), default=utcnow)
 
 
 class TrainingRun(Base):
@@ -141,13 +160,13 @@ class TrainingRun(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     lease_owner: Mapped[str | None] = mapped_column(String(120), nullable=True)
-    lease_expires_at: Mapped[datetime | None] = mapped_column(Stamp, nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(Stamp(), nullable=True)
     labels_seen: Mapped[int | None] = mapped_column(Integer, nullable=True)
     model_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    enqueued_at: Mapped[datetime | None] = mapped_column(Stamp, nullable=True)
-    created_at: Mapped[datetime] = mapped_column(Stamp, default=utcnow)
-    started_at: Mapped[datetime | None] = mapped_column(Stamp, nullable=True)
-    finished_at: Mapped[datetime | None] = mapped_column(Stamp, nullable=True)
+    enqueued_at: Mapped[datetime | None] = mapped_column(Stamp(), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(Stamp(), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(Stamp(), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(Stamp(), nullable=True)
 
 
 class ModelVersion(Base):
@@ -172,7 +191,7 @@ class ModelVersion(Base):
     train_image_ids: Mapped[list[Any]] = mapped_column(JSON)
     promoted: Mapped[bool] = mapped_column(Boolean, default=False)
     promotion_note: Mapped[str | None] = mapped_column(Text, nullable=True)
-    created_at: Mapped[datetime] = mapped_column(Stamp, default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(Stamp(), default=utcnow)
 
 
 class ApiKey(Base):
@@ -186,4 +205,4 @@ class ApiKey(Base):
         ForeignKey("projects.id", ondelete="CASCADE"), nullable=True
     )
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
-    created_at: Mapped[datetime] = mapped_column(Stamp, default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(Stamp(), default=utcnow)

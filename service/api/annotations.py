@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from sqlalchemy import select, update
 
 from service.api.projects import class_names
-from service.deps import AnnotatorKey, CtxDep, SessionDep, visible_image
+from service.deps import AnnotatorKey, CtxDep, PathId, SessionDep, visible_image
 from service.errors import APIError
 from service.schemas import AnnotationCreate, AnnotationHistory, AnnotationOut
 from service.tables import Annotation, Project, Suggestion
@@ -39,7 +39,7 @@ def validate_tags(task: str, tags: list[str] | None, known: list[str]) -> list[s
 
 
 @router.post("/images/{iid}/annotations", status_code=201, response_model=AnnotationOut)
-def create_annotation(iid: int, body: AnnotationCreate, session: SessionDep, ctx: CtxDep,
+def create_annotation(iid: PathId, body: AnnotationCreate, session: SessionDep, ctx: CtxDep,
                       key: AnnotatorKey) -> AnnotationOut:
     """Label an image. The previous label stays in the history."""
     image = visible_image(session, key, iid)
@@ -73,7 +73,7 @@ def create_annotation(iid: int, body: AnnotationCreate, session: SessionDep, ctx
 
 
 @router.get("/images/{iid}/annotations", response_model=AnnotationHistory)
-def list_annotations(iid: int, session: SessionDep, key: AnnotatorKey) -> AnnotationHistory:
+def list_annotations(iid: PathId, session: SessionDep, key: AnnotatorKey) -> AnnotationHistory:
     """The current label and the full history, newest first."""
     image = visible_image(session, key, iid)
     rows = list(session.scalars(select(Annotation).where(Annotation.image_id == image.id)

@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.context import AppContext
-from service.deps import AnnotatorKey, CtxDep, SessionDep, visible_image, visible_project
+from service.deps import AnnotatorKey, CtxDep, PathId, SessionDep, visible_image, visible_project
 from service.errors import APIError
 from service.imaging import ImageInfo, ImageRejected, inspect_image
 from service.schemas import ImageOut, ImagePage, UploadedImage, UploadError, UploadResult
@@ -38,7 +38,7 @@ def read_upload(upload: UploadFile, ctx: AppContext) -> tuple[bytes, ImageInfo]:
     return data, inspect_image(data, max_pixels=ctx.settings.max_image_pixels)
 
 
-def store_image(session: Session, ctx: AppContext, pid: int, filename: str, data: bytes,
+def store_image(session: Session, ctx: AppContext, pid: PathId, filename: str, data: bytes,
                 info: ImageInfo) -> tuple[Image, bool]:
     """Store the blob (first) and the row; returns (row, duplicate)."""
     digest = sha256_hex(data)
@@ -65,7 +65,7 @@ def store_image(session: Session, ctx: AppContext, pid: int, filename: str, data
 
 
 @router.post("/projects/{pid}/images", status_code=201, response_model=UploadResult)
-def upload_images(pid: int, files: list[UploadFile], session: SessionDep, ctx: CtxDep,
+def upload_images(pid: PathId, files: list[UploadFile], session: SessionDep, ctx: CtxDep,
                   key: AnnotatorKey) -> UploadResult:
     """Upload images (multipart field ``files``, many); bad files are reported per file."""
     visible_project(session, key, pid)
@@ -111,7 +111,7 @@ def _encode_cursor(offset: int) -> str:
 
 @router.get("/projects/{pid}/images", response_model=ImagePage)
 def list_images(
-    pid: int, session: SessionDep, key: AnnotatorKey,
+    pid: PathId, session: SessionDep, key: AnnotatorKey,
     status: Literal["unlabeled", "labeled"] | None = None,
     order: Literal["created", "uncertainty"] = "created",
     limit: int = Query(50, ge=1, le=500),
@@ -134,7 +134,7 @@ def list_images(
 
 
 @router.get("/images/{iid}", response_model=ImageOut)
-def get_image(iid: int, session: SessionDep, key: AnnotatorKey) -> ImageOut:
+def get_image(iid: PathId, session: SessionDep, key: AnnotatorKey) -> ImageOut:
     """One image's metadata."""
     return image_out(visible_image(session, key, iid))
 
@@ -144,7 +144,8 @@ _MIME = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp", "bmp": 
 
 
 @router.get("/images/{iid}/file", response_class=FileResponse)
-def get_image_file(iid: int, session: SessionDep, ctx: CtxDep, key: AnnotatorKey) -> FileResponse:
+def get_image_file(iid: PathId, session: SessionDep, ctx: CtxDep,
+                   key: AnnotatorKey) -> FileResponse:
     """The original bytes as uploaded (EXIF orientation left for the viewer)."""
     row = visible_image(session, key, iid)
     return FileResponse(ctx.blobs.path(row.storage_key),

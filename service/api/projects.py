@@ -10,7 +10,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.auth import create_key
-from service.deps import AdminKey, AnnotatorKey, SessionDep, visible_project
+from service.deps import AdminKey, AnnotatorKey, PathId, SessionDep, visible_project
 from service.errors import APIError, not_found
 from service.schemas import (
     AcceptanceStats,
@@ -90,13 +90,13 @@ def list_projects(session: SessionDep, key: AnnotatorKey) -> list[ProjectOut]:
 
 
 @router.get("/projects/{pid}", response_model=ProjectOut)
-def get_project(pid: int, session: SessionDep, key: AnnotatorKey) -> ProjectOut:
+def get_project(pid: PathId, session: SessionDep, key: AnnotatorKey) -> ProjectOut:
     """One project."""
     return project_out(session, visible_project(session, key, pid))
 
 
 @router.post("/projects/{pid}/classes", status_code=201, response_model=ClassOut)
-def add_class(pid: int, body: ClassCreate, session: SessionDep, key: AdminKey) -> ClassOut:
+def add_class(pid: PathId, body: ClassCreate, session: SessionDep, key: AdminKey) -> ClassOut:
     """Add a class; models trained before it do not predict it until the next run."""
     visible_project(session, key, pid)
     row = ProjectClass(project_id=pid, name=body.name)
@@ -110,7 +110,7 @@ def add_class(pid: int, body: ClassCreate, session: SessionDep, key: AdminKey) -
 
 
 @router.get("/projects/{pid}/stats", response_model=ProjectStats)
-def project_stats(pid: int, session: SessionDep, key: AnnotatorKey) -> ProjectStats:
+def project_stats(pid: PathId, session: SessionDep, key: AnnotatorKey) -> ProjectStats:
     """Counts by status and class, and suggestion acceptance per model version."""
     visible_project(session, key, pid)
     images, labeled = session.execute(
@@ -135,7 +135,7 @@ def project_stats(pid: int, session: SessionDep, key: AnnotatorKey) -> ProjectSt
     )
 
 
-def acceptance(session: Session, pid: int) -> list[AcceptanceStats]:
+def acceptance(session: Session, pid: PathId) -> list[AcceptanceStats]:
     """Per model version: suggestions served and how annotators answered them."""
     served = dict(session.execute(
         select(Suggestion.model_id, func.count()).where(Suggestion.project_id == pid)
@@ -187,7 +187,7 @@ def list_api_keys(session: SessionDep, key: AdminKey) -> list[ApiKeyOut]:
 
 
 @router.delete("/keys/{kid}", status_code=204, tags=["keys"])
-def revoke_api_key(kid: int, session: SessionDep, key: AdminKey) -> None:
+def revoke_api_key(kid: PathId, session: SessionDep, key: AdminKey) -> None:
     """Revoke a key."""
     row = session.get(ApiKey, kid)
     if row is None or row.revoked or (

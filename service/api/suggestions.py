@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from service.api.images import read_upload
 from service.api.projects import promoted_model
 from service.context import AppContext
-from service.deps import AnnotatorKey, CtxDep, SessionDep, visible_image, visible_project
+from service.deps import AnnotatorKey, CtxDep, PathId, SessionDep, visible_image, visible_project
 from service.errors import APIError, not_found
 from service.imaging import ImageRejected
 from service.inference import (
@@ -89,7 +89,7 @@ def suggest(session: Session, ctx: AppContext, images: list[Image],
 
 
 @router.get("/images/{iid}/suggestions", response_model=SuggestionOut)
-def image_suggestions(iid: int, session: SessionDep, ctx: CtxDep,
+def image_suggestions(iid: PathId, session: SessionDep, ctx: CtxDep,
                       key: AnnotatorKey) -> SuggestionOut:
     """Suggested tags for a stored image from the promoted model (409 ``no_model`` before)."""
     image = visible_image(session, key, iid)
@@ -97,7 +97,7 @@ def image_suggestions(iid: int, session: SessionDep, ctx: CtxDep,
 
 
 @router.post("/projects/{pid}/suggestions", response_model=SuggestionBatchOut)
-def batch_suggestions(pid: int, body: SuggestionBatchIn, session: SessionDep, ctx: CtxDep,
+def batch_suggestions(pid: PathId, body: SuggestionBatchIn, session: SessionDep, ctx: CtxDep,
                       key: AnnotatorKey) -> SuggestionBatchOut:
     """Suggestions for many stored images of one project, in the order asked."""
     visible_project(session, key, pid)
@@ -117,7 +117,7 @@ def batch_suggestions(pid: int, body: SuggestionBatchIn, session: SessionDep, ct
 
 
 @router.post("/projects/{pid}/predict", response_model=SuggestionOut)
-def predict(pid: int, file: UploadFile, session: SessionDep, ctx: CtxDep,
+def predict(pid: PathId, file: UploadFile, session: SessionDep, ctx: CtxDep,
             key: AnnotatorKey) -> SuggestionOut:
     """Suggestions for an uploaded image (multipart ``file``); nothing is stored."""
     visible_project(session, key, pid)

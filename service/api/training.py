@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from sqlalchemy import select, update
 
-from service.deps import AnnotatorKey, CtxDep, OperatorKey, SessionDep, visible_project
+from service.deps import AnnotatorKey, CtxDep, OperatorKey, PathId, SessionDep, visible_project
 from service.errors import APIError, not_found
 from service.schemas import ModelOut, TrainingRunOut
 from service.tables import ApiKey, ModelVersion, Project, TrainingRun, utcnow
@@ -31,7 +31,7 @@ def model_out(row: ModelVersion) -> ModelOut:
                     metrics=row.metrics, created_at=row.created_at)
 
 
-def _visible_run(session: SessionDep, key: ApiKey, rid: int) -> TrainingRun:
+def _visible_run(session: SessionDep, key: ApiKey, rid: PathId) -> TrainingRun:
     row = session.get(TrainingRun, rid)
     if row is None or (key.project_id is not None and key.project_id != row.project_id):
         raise not_found("training run", rid)
@@ -39,7 +39,7 @@ def _visible_run(session: SessionDep, key: ApiKey, rid: int) -> TrainingRun:
 
 
 @router.post("/projects/{pid}/training-runs", status_code=201, response_model=TrainingRunOut)
-def start_run(pid: int, session: SessionDep, ctx: CtxDep, key: OperatorKey) -> TrainingRunOut:
+def start_run(pid: PathId, session: SessionDep, ctx: CtxDep, key: OperatorKey) -> TrainingRunOut:
     """Queue a training run now (operator). One queued run per project at most."""
     project: Project = visible_project(session, key, pid)
     if project.task == "detection":
@@ -56,7 +56,7 @@ def start_run(pid: int, session: SessionDep, ctx: CtxDep, key: OperatorKey) -> T
 
 
 @router.get("/projects/{pid}/training-runs", response_model=list[TrainingRunOut])
-def list_runs(pid: int, session: SessionDep, key: AnnotatorKey) -> list[TrainingRunOut]:
+def list_runs(pid: PathId, session: SessionDep, key: AnnotatorKey) -> list[TrainingRunOut]:
     """A project's runs, newest first."""
     visible_project(session, key, pid)
     rows = session.scalars(select(TrainingRun).where(TrainingRun.project_id == pid)
@@ -65,13 +65,13 @@ def list_runs(pid: int, session: SessionDep, key: AnnotatorKey) -> list[Training
 
 
 @router.get("/training-runs/{rid}", response_model=TrainingRunOut)
-def get_run(rid: int, session: SessionDep, key: AnnotatorKey) -> TrainingRunOut:
+def get_run(rid: PathId, session: SessionDep, key: AnnotatorKey) -> TrainingRunOut:
     """One run with its status and progress."""
     return run_out(_visible_run(session, key, rid))
 
 
 @router.post("/training-runs/{rid}/cancel", response_model=TrainingRunOut)
-def cancel_run(rid: int, session: SessionDep, key: OperatorKey) -> TrainingRunOut:
+def cancel_run(rid: PathId, session: SessionDep, key: OperatorKey) -> TrainingRunOut:
     """Cancel a queued run at once, or ask a running one to stop at its next step."""
     row = _visible_run(session, key, rid)
     if row.status not in ("QUEUED", "RUNNING"):
@@ -89,7 +89,7 @@ def cancel_run(rid: int, session: SessionDep, key: OperatorKey) -> TrainingRunOu
 
 
 @router.get("/projects/{pid}/models", response_model=list[ModelOut])
-def list_models(pid: int, session: SessionDep, key: AnnotatorKey) -> list[ModelOut]:
+def list_models(pid: PathId, session: SessionDep, key: AnnotatorKey) -> list[ModelOut]:
     """Model versions with their validation metrics, newest first."""
     visible_project(session, key, pid)
     rows = session.scalars(select(ModelVersion).where(ModelVersion.project_id == pid)
@@ -98,7 +98,7 @@ def list_models(pid: int, session: SessionDep, key: AnnotatorKey) -> list[ModelO
 
 
 @router.post("/models/{mid}/promote", response_model=ModelOut)
-def promote_model(mid: int, session: SessionDep, ctx: CtxDep, key: OperatorKey) -> ModelOut:
+def promote_model(mid: PathId, session: SessionDep, ctx: CtxDep, key: OperatorKey) -> ModelOut:
     """Serve this version (also the way to roll back)."""
     row = session.get(ModelVersion, mid)
     if row is None or (key.project_id is not None and key.project_id != row.project_id):

@@ -83,3 +83,9 @@ def test_merged_pipeline_matches_torch_embeddings(
     got = pipeline.run(x)
     assert np.abs(got - predict_proba(head, embeddings)).max() < 1e-4
     np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_merge_rejects_mismatched_head(backbone_onnx_path: Path) -> None:
+    head = build_head_onnx(np.zeros((2, 10), np.float32), np.zeros(2, np.float32), "sigmoid")
+    with pytest.raises(ValueError, match="1280 dims but the head expects 10"):
+        merge_pipeline(backbone_onnx_path.read_bytes(), head)
