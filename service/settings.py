@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     lease_seconds: int = 30  # DB lease on a running run; heartbeats renew it
     reconcile_interval_seconds: int = 10
     requeue_after_seconds: int = 60  # re-send QUEUED runs / unembedded images older than this
-    validation_fraction: float = Field(0.2, ge=0.05, le=0.5)
+    finetune: bool = True  # try fine-tuning the top of the backbone once classes have many labels
 
     worker_concurrency: int = 2
     onnx_threads: int = 0  # 0: onnxruntime's default

@@ -179,8 +179,11 @@ class ModelVersion(Base):
     version: Mapped[int] = mapped_column(Integer)
     task: Mapped[str] = mapped_column(String(20))
     classes: Mapped[list[Any]] = mapped_column(JSON)  # output order of the model
-    backbone: Mapped[str] = mapped_column(String(80))
-    kind: Mapped[str] = mapped_column(String(40))  # e.g. frozen_linear
+    backbone: Mapped[str] = mapped_column(String(80))  # embeddings this model's head reads
+    # fine-tuned models carry their own backbone (image -> embedding) artifact
+    backbone_key: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    backbone_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    kind: Mapped[str] = mapped_column(String(40))  # frozen_linear | finetuned
     device: Mapped[str] = mapped_column(String(20))
     head_key: Mapped[str] = mapped_column(String(200))
     head_sha256: Mapped[str] = mapped_column(String(64))

@@ -20,6 +20,15 @@ from service.storage import LocalBlobStore
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class BackboneRef:
+    """Which embedding a head reads: the pretrained backbone (no key) or a fine-tuned one."""
+
+    id: str
+    key: str | None = None
+    sha256: str | None = None
+
+
 @dataclass
 class WorkerContext:
     """What tasks need: settings, sessions, blobs and the embedding model."""
@@ -27,7 +36,7 @@ class WorkerContext:
     settings: Settings
     sessions: sessionmaker[Session]
     blobs: LocalBlobStore
-    _embedder: OnnxModel | None = None
+    _embedders: dict[str, OnnxModel] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -46,13 +55,19 @@ class WorkerContext:
     def backbone_bytes(self) -> bytes:
         return self.backbone_path().read_bytes()
 
-    @property
-    def embedder(self) -> OnnxModel:
+    def embedder(self, ref: BackboneRef | None = None) -> OnnxModel:
+        """The image -> embedding model: the pretrained one, or a fine-tuned model's own."""
+        name = ref.id if ref else self.backbone
         with self._lock:
-            if self._embedder is None:
-                self._embedder = OnnxModel(self.backbone_path(),
-                                           threads=self.settings.onnx_threads or None)
-            return self._embedder
+            model = self._embedders.get(name)
+            if model is None:
+                threads = self.settings.onnx_threads or None
+                if ref is None or ref.key is None:
+                    model = OnnxModel(self.backbone_path(), threads=threads)
+                else:  # only artifacts this service produced, checked against their sha256
+                    model = OnnxModel(self.blobs.get(ref.key, ref.sha256), threads=threads)
+                self._embedders[name] = model
+            return model
 
 
 @lru_cache(maxsize=1)

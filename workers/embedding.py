@@ -18,13 +18,14 @@ from models.uncertainty import uncertainty
 from service.imaging import ImageRejected, load_rgb
 from service.storage import BlobMissing
 from service.tables import Embedding, Image, ModelVersion
-from workers.context import WorkerContext
+from workers.context import BackboneRef, WorkerContext
 
 log = logging.getLogger(__name__)
 BATCH = 32
 
 
-def _decode(ctx: WorkerContext, image: Image) -> np.ndarray | None:
+def decode_image(ctx: WorkerContext, image: Image) -> np.ndarray | None:
+    """A stored image as a model input (None, logged, when it cannot be read)."""
     try:
         data = ctx.blobs.get(image.storage_key)
         img = load_rgb(data, max_pixels=ctx.settings.max_image_pixels, draft_size=INPUT_SIZE)
@@ -34,13 +35,14 @@ def _decode(ctx: WorkerContext, image: Image) -> np.ndarray | None:
     return to_model_input(img)
 
 
-def embed_arrays(ctx: WorkerContext, images: Sequence[Image]) -> dict[int, np.ndarray]:
+def embed_arrays(ctx: WorkerContext, images: Sequence[Image],
+                 ref: BackboneRef | None = None) -> dict[int, np.ndarray]:
     """Embeddings for images; the next batch is decoded while the model runs on this one."""
     out: dict[int, np.ndarray] = {}
     batches = [images[i:i + BATCH] for i in range(0, len(images), BATCH)]
 
     def decode(batch: Sequence[Image]) -> list[np.ndarray | None]:
-        return [_decode(ctx, im) for im in batch]
+        return [decode_image(ctx, im) for im in batch]
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         future = pool.submit(decode, batches[0]) if batches else None
@@ -51,26 +53,33 @@ def embed_arrays(ctx: WorkerContext, images: Sequence[Image]) -> dict[int, np.nd
                 future = pool.submit(decode, batches[n + 1])
             ok = [(im, a) for im, a in zip(batch, arrays, strict=True) if a is not None]
             if ok:
-                vectors = ctx.embedder.run(np.stack([a for _, a in ok]))
+                vectors = ctx.embedder(ref).run(np.stack([a for _, a in ok]))
                 out.update((im.id, v.astype(np.float32))
                            for (im, _), v in zip(ok, vectors, strict=True))
     return out
 
 
-def ensure_embeddings(ctx: WorkerContext, session: Session, image_ids: Sequence[int]) -> int:
+def model_backbone(row: ModelVersion) -> BackboneRef:
+    """The embedding a model version's head reads."""
+    return BackboneRef(row.backbone, row.backbone_key, row.backbone_sha256)
+
+
+def ensure_embeddings(ctx: WorkerContext, session: Session, image_ids: Sequence[int],
+                      ref: BackboneRef | None = None) -> int:
     """Embed the given images that lack an embedding; returns how many were added."""
+    backbone = ref.id if ref else ctx.backbone
     have = set(session.scalars(select(Embedding.image_id).where(
-        Embedding.backbone == ctx.backbone, Embedding.image_id.in_(image_ids))))
+        Embedding.backbone == backbone, Embedding.image_id.in_(image_ids))))
     todo = list(session.scalars(select(Image).where(Image.id.in_(
         [i for i in image_ids if i not in have])).order_by(Image.id)))
     if not todo:
         return 0
-    vectors = embed_arrays(ctx, todo)
+    vectors = embed_arrays(ctx, todo, ref)
     added = 0
     for image_id, vec in vectors.items():
         try:  # idempotent: a redelivered job may race another worker
             with session.begin_nested():
-                session.add(Embedding(image_id=image_id, backbone=ctx.backbone,
+                session.add(Embedding(image_id=image_id, backbone=backbone,
                                       vector=vec.tobytes()))
             added += 1
         except IntegrityError:
@@ -85,6 +94,9 @@ def embed_images(ctx: WorkerContext, image_ids: Sequence[int]) -> int:
         added = ensure_embeddings(ctx, session, image_ids)
         projects = set(session.scalars(select(Image.project_id).where(Image.id.in_(image_ids))))
         for project_id in projects:
+            row = promoted(session, project_id)
+            if row is not None and row.backbone_key is not None:  # fine-tuned: its own embedding
+                ensure_embeddings(ctx, session, image_ids, model_backbone(row))
             score_images(ctx, session, project_id, image_ids)
         session.commit()
     return added

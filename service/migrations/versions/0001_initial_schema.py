@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-27 12:38:00.451309
+Create Date: 2026-11-27 13:31:58.950799
 """
 
 from collections.abc import Sequence
@@ -113,6 +113,8 @@ def upgrade() -> None:
     sa.Column('task', sa.String(length=20), nullable=False),
     sa.Column('classes', sa.JSON(), nullable=False),
     sa.Column('backbone', sa.String(length=80), nullable=False),
+    sa.Column('backbone_key', sa.String(length=200), nullable=True),
+    sa.Column('backbone_sha256', sa.String(length=64), nullable=True),
     sa.Column('kind', sa.String(length=40), nullable=False),
     sa.Column('device', sa.String(length=20), nullable=False),
     sa.Column('head_key', sa.String(length=200), nullable=False),

@@ -1,0 +1,139 @@
+"""Validation without leakage: stable folds, out-of-fold predictions, promotion decisions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from models.heads import HeadParams, predict_proba, train_head
+from models.metrics import classification_metrics
+from models.runtime import OnnxModel
+from service.tables import Embedding, ModelVersion
+from workers.context import WorkerContext
+from workers.embedding import ensure_embeddings, model_backbone
+from workers.labeled import LabeledSet
+
+MAX_FOLDS = 5
+
+
+@dataclass
+class Candidate:
+    """A model a run may publish, with predictions on images it did not train on."""
+
+    kind: str  # frozen_linear | finetuned
+    params: HeadParams
+    train_idx: np.ndarray  # rows of the labeled set it trained on
+    eval_idx: np.ndarray  # rows its eval_probs cover (none of them trained on)
+    eval_probs: np.ndarray | None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    backbone_onnx: bytes | None = None  # a fine-tuned image -> embedding model
+
+
+def hash_fraction(sha256: str) -> float:
+    """A stable number in [0, 1) from an image's content hash."""
+    return int(sha256[:8], 16) / 2**32
+
+
+def assign_folds(data: LabeledSet, task: str, max_folds: int = MAX_FOLDS) -> tuple[
+        np.ndarray, int]:
+    """Stable cross-validation folds (stratified by class for multiclass); (fold ids, k).
+
+    k is at most the label count of the rarest labeled class, so every fold's training part
+    sees every labeled class; k = 0 when some class has a single label. An image keeps its fold
+    from run to run while the labels of its class do not change.
+    """
+    order = np.argsort([hash_fraction(s) for s in data.sha256], kind="stable")
+    folds = np.zeros(len(order), np.int64)
+    if task == "multiclass":
+        counts = np.bincount(data.y)
+        k = int(min(max_folds, counts[counts > 0].min()))
+        for c in np.flatnonzero(counts):
+            members = [i for i in order if data.y[i] == c]
+            folds[members] = np.arange(len(members)) % max(k, 1)
+    else:
+        positives = data.y.sum(axis=0)
+        present = positives[positives > 0]
+        k = int(min(max_folds, present.min() if present.size else 0, len(order)))
+        folds[order] = np.arange(len(order)) % max(k, 1)
+    return folds, (k if k >= 2 else 0)
+
+
+def out_of_fold(data: LabeledSet, task: str, num_classes: int, device: torch.device,
+                folds: np.ndarray, k: int, on_fold: Callable[[int], None]) -> np.ndarray:
+    """Probabilities for every labeled image from a head that did not train on it."""
+    oof = np.zeros((len(data.image_ids), num_classes), np.float32)
+    for f in range(k):
+        fit, hold = folds != f, folds == f
+        params = train_head(data.x[fit], data.y[fit], task, num_classes, device)  # type: ignore[arg-type]
+        oof[hold] = predict_proba(params, data.x[hold])
+        on_fold(f)
+    return oof
+
+
+def primary_score(task: str, metrics: dict[str, Any]) -> float | None:
+    """The single number two models are compared on: accuracy or mAP."""
+    value = metrics.get("accuracy" if task == "multiclass" else "map")
+    return float(value) if isinstance(value, int | float) else None
+
+
+def score_of(task: str, y: np.ndarray, probs: np.ndarray, classes: list[str],
+             thresholds: np.ndarray) -> float | None:
+    """Primary score of predictions."""
+    return primary_score(task, classification_metrics(task, y, probs, classes, thresholds))
+
+
+def promoted_probs(ctx: WorkerContext, session: Session, current: ModelVersion,
+                   data: LabeledSet, rows: np.ndarray, classes: list[str]) -> tuple[
+                       np.ndarray, np.ndarray]:
+    """The promoted model's probabilities (and thresholds) on labeled rows, in ``classes`` order."""
+    ref = model_backbone(current)
+    if current.backbone_key is None and current.backbone == ctx.backbone:
+        x = data.x[rows]
+    else:
+        ids = [data.image_ids[i] for i in rows]
+        ensure_embeddings(ctx, session, ids, ref)
+        vectors = dict(session.execute(select(Embedding.image_id, Embedding.vector).where(
+            Embedding.backbone == ref.id, Embedding.image_id.in_(ids))).all())
+        x = np.stack([np.frombuffer(vectors[i], np.float32) for i in ids])
+    raw = OnnxModel(ctx.blobs.get(current.head_key, current.head_sha256), threads=1).run(x)
+    probs = np.zeros((len(rows), len(classes)), np.float32)  # classes it lacks: never predicted
+    thresholds = np.full(len(classes), 0.5, np.float32)
+    for j, name in enumerate(current.classes):
+        if name in classes:
+            probs[:, classes.index(name)] = raw[:, j]
+            thresholds[classes.index(name)] = current.thresholds[j]
+    return probs, thresholds
+
+
+def compare_with_promoted(ctx: WorkerContext, session: Session, current: ModelVersion | None,
+                          task: str, classes: list[str], data: LabeledSet,
+                          cand: Candidate) -> tuple[bool, str]:
+    """Promote unless the candidate is worse than the promoted model on the same images.
+
+    The images are labeled ones that neither the promoted model nor the candidate trained on
+    (the candidate's held-out predictions), so the comparison is fair to both.
+    """
+    if current is None:
+        return True, "first model of the project"
+    seen = set(current.train_image_ids)
+    keep = [n for n, i in enumerate(cand.eval_idx) if data.image_ids[i] not in seen]
+    if cand.eval_probs is None or not keep:
+        return True, "no labeled images unseen by both models; promoted as newer"
+    rows = cand.eval_idx[keep]
+    old, old_thr = promoted_probs(ctx, session, current, data, rows, classes)
+    new_score = score_of(task, data.y[rows], cand.eval_probs[keep], classes,
+                         cand.params.thresholds)
+    old_score = score_of(task, data.y[rows], old, classes, old_thr)
+    if new_score is None or old_score is None:
+        return True, "no comparable score on shared images; promoted as newer"
+    verdict = (f"{new_score:.4f} vs promoted v{current.version} {old_score:.4f} "
+               f"on {len(rows)} labeled images neither model trained on")
+    if new_score + 1e-9 >= old_score:
+        return True, "not worse: " + verdict
+    return False, "kept unpromoted, worse: " + verdict

@@ -1,0 +1,84 @@
+"""A project's labeled images as arrays: embeddings, targets and (for fine-tuning) pixels."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service.tables import Annotation, Embedding, Image, Project
+from workers.context import WorkerContext
+from workers.embedding import decode_image, ensure_embeddings
+
+
+class RunFailed(Exception):
+    """Training cannot produce a model; the run ends FAILED with this code and reason."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class LabeledSet:
+    """Labeled images of a project with their pretrained embeddings and targets."""
+
+    image_ids: list[int]
+    sha256: list[str]
+    x: np.ndarray  # [N, D]
+    y: np.ndarray  # [N] class index (multiclass) or [N, C] {0, 1} (multilabel)
+
+    def counts(self, num_classes: int) -> np.ndarray:
+        """Labeled images per class."""
+        if self.y.ndim == 1:
+            return np.bincount(self.y, minlength=num_classes)
+        return self.y.sum(axis=0).astype(np.int64)
+
+
+def load_labeled(ctx: WorkerContext, session: Session, project: Project,
+                 classes: list[str]) -> LabeledSet:
+    """Current labels with their embeddings (embedding any that are missing)."""
+    rows = session.execute(
+        select(Annotation.image_id, Annotation.tags, Image.sha256)
+        .join(Image, Image.id == Annotation.image_id)
+        .where(Annotation.project_id == project.id, Annotation.is_current.is_(True))
+        .order_by(Annotation.image_id)).all()
+    if not rows:
+        raise RunFailed("no_labels", "the project has no labeled images")
+    ensure_embeddings(ctx, session, [r[0] for r in rows])
+    vectors = dict(session.execute(select(Embedding.image_id, Embedding.vector).where(
+        Embedding.backbone == ctx.backbone,
+        Embedding.image_id.in_([r[0] for r in rows]))).all())
+    index = {c: i for i, c in enumerate(classes)}
+    ids, shas, xs, ys = [], [], [], []
+    for image_id, tags, sha in rows:
+        if image_id not in vectors:
+            continue  # unreadable blob: logged by the embedder
+        known = [index[t] for t in (tags or []) if t in index]
+        if project.task == "multiclass":
+            if len(known) != 1:
+                continue
+            ys.append(known[0])
+        else:
+            target = np.zeros(len(classes), np.float32)
+            target[known] = 1
+            ys.append(target)
+        ids.append(image_id)
+        shas.append(sha)
+        xs.append(np.frombuffer(vectors[image_id], np.float32))
+    if not ids:
+        raise RunFailed("no_labels", "no labeled image could be used")
+    return LabeledSet(ids, shas, np.stack(xs), np.asarray(ys))
+
+
+def model_inputs(ctx: WorkerContext, session: Session, image_ids: Sequence[int]) -> np.ndarray:
+    """uint8 [N, 224, 224, 3] model inputs of images, in the given order."""
+    images = {i.id: i for i in session.scalars(select(Image).where(Image.id.in_(image_ids)))}
+    arrays = [decode_image(ctx, images[i]) for i in image_ids]
+    if any(a is None for a in arrays):
+        raise RunFailed("unreadable_image", "a labeled image can no longer be read")
+    return np.stack(arrays)  # type: ignore[arg-type]
