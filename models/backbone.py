@@ -13,10 +13,10 @@ import timm
 import torch
 from torch import nn
 
-EMBED_DIM = 1280
-INPUT_SIZE = 224
-MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+from models.constants import EMBED_DIM, INPUT_SIZE, MEAN, STD
+
+__all__ = ["EMBED_DIM", "INPUT_SIZE", "MEAN", "STD", "EmbeddingModel", "Preprocess",
+           "backbone_id", "load_backbone", "weights_path"]
 
 _ARCH = "efficientnet_lite0"
 _CLASSIFIER_PREFIX = "_fc."

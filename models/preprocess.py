@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from models.backbone import INPUT_SIZE
+from models.constants import INPUT_SIZE
 
 # Pillow pre-shrinks by an integer factor with a box filter while the image stays at least
 # this many times larger than the target, then finishes with bilinear: fast on big photos.

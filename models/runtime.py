@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +54,8 @@ class OnnxModel:
 
 def select_device(setting: str) -> torch.device:
     """Resolve "auto" | "cpu" | "cuda" to a torch device; raise if CUDA is asked but absent."""
+    import torch  # here, not at import: serving (onnxruntime only) must not load torch
+
     choice = setting.strip().lower()
     if choice == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

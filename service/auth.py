@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
+import time
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -58,3 +60,37 @@ def ensure_admin_key(session: Session, configured: str) -> str | None:
         return None
     _, plain = create_key(session, "first admin", "admin")
     return plain
+
+
+class KeyCache:
+    """Short-lived cache of key lookups: one query less on every request.
+
+    A revoked key stops working in this process at once and in others within ``ttl`` seconds.
+    """
+
+    def __init__(self, ttl: float = 10.0, size: int = 1024) -> None:
+        self.ttl, self.size = ttl, size
+        self._items: dict[str, tuple[float, ApiKey]] = {}
+        self._lock = threading.Lock()
+
+    def lookup(self, session: Session, plain: str) -> ApiKey | None:
+        """Like :func:`lookup_key`, served from the cache while fresh."""
+        digest = hash_key(plain)
+        now = time.monotonic()
+        with self._lock:
+            hit = self._items.get(digest)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        row = lookup_key(session, plain)
+        if row is not None:
+            session.expunge(row)  # detached, read-only snapshot shared by requests
+            with self._lock:
+                if len(self._items) >= self.size:
+                    self._items.clear()
+                self._items[digest] = (now + self.ttl, row)
+        return row
+
+    def clear(self) -> None:
+        """Forget every cached key (after a revocation)."""
+        with self._lock:
+            self._items.clear()

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.auth import KeyCache
 from service.db import sessionmaker_for
 from service.inference import ModelCache
 from service.queue import JobQueue
@@ -22,6 +23,7 @@ class AppContext:
     blobs: LocalBlobStore
     models: ModelCache
     queue: JobQueue
+    keys: KeyCache
 
 
 def build_context(settings: Settings) -> AppContext:
@@ -33,4 +35,5 @@ def build_context(settings: Settings) -> AppContext:
         blobs=blobs,
         models=ModelCache(blobs, threads=settings.onnx_threads or None),
         queue=JobQueue(settings),
+        keys=KeyCache(),
     )

@@ -9,7 +9,7 @@ from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from service.auth import lookup_key, role_allows
+from service.auth import role_allows
 from service.context import AppContext
 from service.errors import APIError, not_found
 from service.schemas import MAX_ID
@@ -41,12 +41,13 @@ SessionDep = Annotated[Session, Depends(get_session)]
 
 def current_key(
     session: SessionDep,
+    ctx: CtxDep,
     creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> ApiKey:
     """The caller's API key (401 without a valid one)."""
     if creds is None or creds.scheme.lower() != "bearer" or not creds.credentials:
         raise APIError(401, "unauthorized", "missing API key: send 'Authorization: Bearer <key>'")
-    key = lookup_key(session, creds.credentials)
+    key = ctx.keys.lookup(session, creds.credentials)
     if key is None:
         raise APIError(401, "unauthorized", "invalid or revoked API key")
     return key

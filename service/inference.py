@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.backbone import INPUT_SIZE
+from models.constants import INPUT_SIZE
 from models.preprocess import to_model_input
 from models.runtime import OnnxModel
 from service.imaging import load_rgb

@@ -77,6 +77,11 @@ def test_auth_roles(api: Api) -> None:
     assert r.status_code == 201 and r.json()["key"].startswith("pl_")
     assert_error(api.post("/api/v1/keys", role="operator", json={"name": "k", "role": "admin"}),
                  403, "forbidden")
+    made = r.json()
+    h = {"Authorization": f"Bearer {made['key']}"}
+    assert api.client.get("/api/v1/projects", headers=h).status_code == 200
+    assert api.client.delete(f"/api/v1/keys/{made['id']}", headers=api.h()).status_code == 204
+    assert_error(api.client.get("/api/v1/projects", headers=h), 401, "unauthorized")
 
 
 def test_cross_project_access_is_404(api: Api) -> None:

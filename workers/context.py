@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -61,7 +62,9 @@ class WorkerContext:
         with self._lock:
             model = self._embedders.get(name)
             if model is None:
-                threads = self.settings.onnx_threads or None
+                # one process per worker slot: split the cores instead of oversubscribing them
+                threads = self.settings.onnx_threads or max(
+                    1, (os.cpu_count() or 1) // max(1, self.settings.worker_concurrency))
                 if ref is None or ref.key is None:
                     model = OnnxModel(self.backbone_path(), threads=threads)
                 else:  # only artifacts this service produced, checked against their sha256

@@ -10,7 +10,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.auth import create_key
-from service.deps import AdminKey, AnnotatorKey, PathId, SessionDep, visible_project
+from service.deps import AdminKey, AnnotatorKey, CtxDep, PathId, SessionDep, visible_project
 from service.errors import APIError, not_found
 from service.schemas import (
     AcceptanceStats,
@@ -187,7 +187,7 @@ def list_api_keys(session: SessionDep, key: AdminKey) -> list[ApiKeyOut]:
 
 
 @router.delete("/keys/{kid}", status_code=204, tags=["keys"])
-def revoke_api_key(kid: PathId, session: SessionDep, key: AdminKey) -> None:
+def revoke_api_key(kid: PathId, session: SessionDep, ctx: CtxDep, key: AdminKey) -> None:
     """Revoke a key."""
     row = session.get(ApiKey, kid)
     if row is None or row.revoked or (
@@ -195,3 +195,4 @@ def revoke_api_key(kid: PathId, session: SessionDep, key: AdminKey) -> None:
         raise not_found("key", kid)
     row.revoked = True
     session.commit()
+    ctx.keys.clear()
