@@ -8,16 +8,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from sqlalchemy import select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from models.backbone import INPUT_SIZE
 from models.preprocess import to_model_input
 from models.runtime import OnnxModel
 from models.uncertainty import uncertainty
+from service.db import insert_ignore
 from service.imaging import ImageRejected, load_rgb
 from service.storage import BlobMissing
-from service.tables import Embedding, Image, ModelVersion
+from service.tables import Embedding, Image, ModelVersion, utcnow
 from workers.context import BackboneRef, WorkerContext
 
 log = logging.getLogger(__name__)
@@ -75,15 +75,10 @@ def ensure_embeddings(ctx: WorkerContext, session: Session, image_ids: Sequence[
     if not todo:
         return 0
     vectors = embed_arrays(ctx, todo, ref)
-    added = 0
-    for image_id, vec in vectors.items():
-        try:  # idempotent: a redelivered job may race another worker
-            with session.begin_nested():
-                session.add(Embedding(image_id=image_id, backbone=backbone,
-                                      vector=vec.tobytes()))
-            added += 1
-        except IntegrityError:
-            pass
+    # idempotent: a redelivered job or another worker may have written some already
+    added = insert_ignore(session, Embedding, [
+        {"image_id": image_id, "backbone": backbone, "vector": vec.tobytes(),
+         "created_at": utcnow()} for image_id, vec in vectors.items()])
     session.commit()
     return added
 

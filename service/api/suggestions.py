@@ -7,12 +7,12 @@ import uuid
 import numpy as np
 from fastapi import APIRouter, UploadFile
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.api.images import read_upload
 from service.api.projects import promoted_model
 from service.context import AppContext
+from service.db import insert_ignore
 from service.deps import AnnotatorKey, CtxDep, PathId, SessionDep, visible_image, visible_project
 from service.errors import APIError, not_found
 from service.imaging import ImageRejected
@@ -24,7 +24,7 @@ from service.inference import (
 )
 from service.prediction import Prediction
 from service.schemas import SuggestionBatchIn, SuggestionBatchOut, SuggestionOut, TagScore
-from service.tables import Embedding, Image, ModelVersion, Suggestion
+from service.tables import Embedding, Image, ModelVersion, Suggestion, utcnow
 
 router = APIRouter(prefix="/api/v1", tags=["suggestions"])
 
@@ -55,6 +55,7 @@ def suggest(session: Session, ctx: AppContext, images: list[Image],
     known = {s.image_id: s for s in session.scalars(select(Suggestion).where(
         Suggestion.model_id == row.id, Suggestion.image_id.in_([i.id for i in images])))}
     todo = [i for i in images if i.id not in known]
+    served: dict[int, SuggestionOut] = {}
     if todo:
         model = ctx.models.get(row)
         vectors = dict(session.execute(select(Embedding.image_id, Embedding.vector).where(
@@ -70,22 +71,24 @@ def suggest(session: Session, ctx: AppContext, images: list[Image],
                 data = ctx.blobs.get(image.storage_key)
                 probs[image.id] = predict_image_bytes(ctx.models, model, data,
                                                       ctx.settings.max_image_pixels)
+        fresh: dict[int, SuggestionOut] = {}
         for image in todo:
             pred = to_prediction(model, probs[image.id], image.width, image.height)
-            sid = uuid.uuid4().hex
-            out = suggestion_out(pred, model, sid, image.id)
-            suggestion = Suggestion(id=sid, project_id=image.project_id, image_id=image.id,
-                                    model_id=row.id, payload=out.model_dump(mode="json"))
-            try:
-                with session.begin_nested():
-                    session.add(suggestion)
-            except IntegrityError:  # served concurrently: keep the first one
-                suggestion = session.scalar(select(Suggestion).where(
-                    Suggestion.model_id == row.id, Suggestion.image_id == image.id))
-                assert suggestion is not None
-            known[image.id] = suggestion
+            fresh[image.id] = suggestion_out(pred, model, uuid.uuid4().hex, image.id)
+        # one statement; if another request served some of these first, theirs are returned
+        inserted = insert_ignore(session, Suggestion, [
+            {"id": out.suggestion_id, "project_id": row.project_id, "image_id": iid,
+             "model_id": row.id, "payload": out.model_dump(mode="json"), "created_at": utcnow()}
+            for iid, out in fresh.items()])
         session.commit()
-    return [SuggestionOut.model_validate(known[i.id].payload) for i in images]
+        if inserted == len(fresh):
+            served.update(fresh)
+        else:
+            known.update((s.image_id, s) for s in session.scalars(select(Suggestion).where(
+                Suggestion.model_id == row.id, Suggestion.image_id.in_(list(fresh)))))
+    for iid, suggestion in known.items():
+        served.setdefault(iid, SuggestionOut.model_validate(suggestion.payload))
+    return [served[i.id] for i in images]
 
 
 @router.get("/images/{iid}/suggestions", response_model=SuggestionOut)
