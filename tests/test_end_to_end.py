@@ -161,6 +161,17 @@ def test_multiclass_core_loop(stack: tuple[Api, WorkerProcess]) -> None:
     assert promoted == [1]
     assert api.get(f"/api/v1/images/{test_ids[5]}/suggestions").json()["model_version"] == 1
 
+    # degenerate labels (everything relabeled "ace"): the run fails, v1 keeps serving
+    labeled = api.get(f"/api/v1/projects/{pid}/images", params={"status": "labeled",
+                                                                 "limit": 500}).json()["items"]
+    for image in labeled:
+        label(api, image["id"], ["ace"])
+    api.post(f"/api/v1/projects/{pid}/training-runs", role="operator")
+    failed = wait_run(api, pid, worker)
+    assert failed["status"] == "FAILED" and failed["error_code"] == "one_class", failed
+    assert api.get(f"/api/v1/projects/{pid}").json()["promoted_model"]["version"] == 1
+    assert api.get(f"/api/v1/images/{test_ids[6]}/suggestions").status_code == 200
+
 
 def test_multilabel_and_degenerate_runs(tmp_path: Path, sqlite_url: str, cache_dir: Path) -> None:
     values = settings_values(tmp_path, sqlite_url, cache_dir)

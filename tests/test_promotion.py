@@ -1,0 +1,101 @@
+"""Promotion decisions on the real database and blob store: never promote a worse model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.heads import predict_proba, train_head
+from models.onnx_export import build_head_onnx
+from service.db import sessionmaker_for
+from service.migrate import upgrade
+from service.settings import Settings
+from service.storage import LocalBlobStore, sha256_hex
+from service.tables import ModelVersion, Project, TrainingRun
+from workers.context import WorkerContext
+from workers.evaluation import Candidate, assign_folds, compare_with_promoted
+from workers.labeled import LabeledSet
+
+CLASSES = ["a", "b", "c"]
+
+
+def toy_set(n: int = 60, seed: int = 0) -> LabeledSet:
+    """Three separable clusters in embedding space (real-valued, like embeddings)."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 3
+    centers = rng.normal(size=(3, 1280)).astype(np.float32) * 3
+    x = centers[y] + rng.normal(size=(n, 1280)).astype(np.float32)
+    shas = [f"{rng.integers(0, 2**32):08x}" + "0" * 56 for _ in range(n)]
+    return LabeledSet(list(range(1, n + 1)), shas, x, y)
+
+
+@pytest.fixture
+def ctx(tmp_path: Path, sqlite_url: str) -> WorkerContext:
+    upgrade(sqlite_url)
+    settings = Settings(data_dir=tmp_path, database_url=sqlite_url, device="cpu")
+    return WorkerContext(settings=settings, sessions=sessionmaker_for(sqlite_url),
+                         blobs=LocalBlobStore(settings.blob_dir))
+
+
+def promoted_row(ctx: WorkerContext, data: LabeledSet, trained_on: np.ndarray) -> ModelVersion:
+    import torch
+
+    params = train_head(data.x[trained_on], data.y[trained_on], "multiclass", 3,
+                        torch.device("cpu"))
+    head = build_head_onnx(params.weight, params.bias, "softmax")
+    ctx.blobs.put("models/p1/run1/head.onnx", head)
+    with ctx.sessions.begin() as s:
+        p = Project(name="p", task="multiclass")
+        s.add(p)
+        s.flush()
+        run = TrainingRun(project_id=p.id, trigger="auto", status="SUCCEEDED")
+        s.add(run)
+        s.flush()
+        row = ModelVersion(
+            project_id=p.id, run_id=run.id, version=1, task="multiclass", classes=CLASSES,
+            backbone=ctx.backbone, kind="frozen_linear", device="cpu",
+            head_key="models/p1/run1/head.onnx", head_sha256=sha256_hex(head),
+            pipeline_key="models/p1/run1/pipeline.onnx", pipeline_sha256="0" * 64,
+            thresholds=[0.5] * 3, metrics={}, promoted=True,
+            train_image_ids=[data.image_ids[i] for i in trained_on])
+        s.add(row)
+    return row
+
+
+def test_worse_candidate_is_kept_unpromoted(ctx: WorkerContext) -> None:
+    import torch
+
+    data = toy_set()
+    current = promoted_row(ctx, data, np.arange(30))
+    params = train_head(data.x, data.y, "multiclass", 3, torch.device("cpu"))
+    rows = np.arange(30, 60)  # never seen by the promoted model
+    good = Candidate("frozen_linear", params, np.arange(60), rows,
+                     predict_proba(params, data.x[rows]))
+    with ctx.sessions() as session:
+        ok, note = compare_with_promoted(ctx, session, current, "multiclass", CLASSES, data, good)
+        assert ok and note.startswith("not worse"), note
+        wrong = np.roll(np.eye(3, dtype=np.float32)[data.y[rows]], 1, axis=1)  # always wrong
+        bad = Candidate("frozen_linear", params, np.arange(60), rows, wrong)
+        ok, note = compare_with_promoted(ctx, session, current, "multiclass", CLASSES, data, bad)
+        assert not ok and "worse" in note and "30 labeled images" in note, note
+        # images the promoted model trained on are never used to judge it
+        seen_only = Candidate("frozen_linear", params, np.arange(60), np.arange(30),
+                              wrong[:30])
+        ok, note = compare_with_promoted(ctx, session, current, "multiclass", CLASSES, data,
+                                         seen_only)
+        assert ok and "unseen" in note
+
+
+def test_folds_are_stable_and_stratified() -> None:
+    data = toy_set(31)
+    folds, k = assign_folds(data, "multiclass")
+    assert k == 5
+    for c in range(3):
+        counts = np.bincount(folds[data.y == c], minlength=k)
+        assert counts.max() - counts.min() <= 1  # every fold holds each class
+    again, _ = assign_folds(data, "multiclass")
+    assert (again == folds).all()
+    tiny = LabeledSet(data.image_ids[:4], data.sha256[:4], data.x[:4], np.array([0, 0, 0, 1]))
+    assert assign_folds(tiny, "multiclass")[1] == 0  # a class with one label: no CV
