@@ -54,6 +54,9 @@ def serve(
     if embedded_worker:
         worker = subprocess.Popen([sys.executable, "-m", "service.cli", "worker"],
                                   env=os.environ.copy())
+    # uvicorn re-raises SIGTERM after its graceful shutdown; turn it into SystemExit so the
+    # finally below still stops the worker instead of orphaning it
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         uvicorn.run("service.app:create_app", factory=True, host=host or settings.host,
                     port=port or settings.port, log_level="info")

@@ -10,7 +10,12 @@ from sqlalchemy.exc import OperationalError
 
 from workers.celery_app import EMBED_TASK, SCORE_TASK, TRAIN_TASK
 from workers.context import worker_context
+from workers.embedding import embed_images, score_images
 from workers.leases import Claim
+
+# imported here, in the worker's main process before it forks its pool, so that the first run
+# does not pay seconds of imports (torch, timm, sklearn)
+from workers.training import train_run
 
 log = logging.getLogger(__name__)
 _reconciler = None
@@ -20,8 +25,6 @@ _reconciler = None
              max_retries=20)
 def train(self: Task, run_id: int) -> str:
     """Train one run (idempotent: extra deliveries of the same run are dropped)."""
-    from workers.training import train_run
-
     try:
         outcome = train_run(worker_context(), int(run_id))
     except OperationalError as exc:  # DB down: back off and try again
@@ -38,8 +41,6 @@ def train(self: Task, run_id: int) -> str:
              max_retries=10)
 def embed(self: Task, image_ids: list[int]) -> int:
     """Embed images (idempotent)."""
-    from workers.embedding import embed_images
-
     try:
         return embed_images(worker_context(), [int(i) for i in image_ids])
     except OperationalError as exc:
@@ -49,8 +50,6 @@ def embed(self: Task, image_ids: list[int]) -> int:
 @shared_task(name=SCORE_TASK, bind=True, acks_late=True, max_retries=10)
 def score(self: Task, project_id: int) -> int:
     """Rescore a project's unlabeled images with its promoted model."""
-    from workers.embedding import score_images
-
     ctx = worker_context()
     try:
         with ctx.sessions() as session:
