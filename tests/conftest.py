@@ -164,3 +164,13 @@ def flush_redis() -> None:
     import redis
 
     redis.Redis.from_url(REDIS_URL).flushdb()
+
+
+def backend_values(request: pytest.FixtureRequest, backend: str, tmp_path: Path,
+                   cache_dir: Path) -> dict[str, Any]:
+    """Settings for ``embedded`` (SQLite + filesystem broker) or ``redis`` (PostgreSQL + Redis)."""
+    if backend == "redis":
+        flush_redis()
+        return settings_values(tmp_path, request.getfixturevalue("postgres_url"), cache_dir,
+                               broker_url=REDIS_URL)
+    return settings_values(tmp_path, request.getfixturevalue("sqlite_url"), cache_dir)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
-from tests.conftest import REDIS_URL, Api, WorkerProcess, flush_redis, make_api, settings_values
+from tests.conftest import Api, WorkerProcess, backend_values, make_api, settings_values
 from tests.images import RANKS, card_crops, card_photos
 from tests.test_api import upload
 
@@ -33,12 +33,7 @@ MULTILABEL_FLOOR = 0.35
 def stack(request: pytest.FixtureRequest, tmp_path: Path, cache_dir: Path) -> Iterator[
         tuple[Api, WorkerProcess]]:
     """App + a real worker process: SQLite/filesystem broker or PostgreSQL/Redis."""
-    if request.param == "redis":
-        flush_redis()
-        values = settings_values(tmp_path, request.getfixturevalue("postgres_url"), cache_dir,
-                                 broker_url=REDIS_URL)
-    else:
-        values = settings_values(tmp_path, request.getfixturevalue("sqlite_url"), cache_dir)
+    values = backend_values(request, request.param, tmp_path, cache_dir)
     gen = make_api(values)
     api = next(gen)
     worker = WorkerProcess(values)

@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 
 from service.db import session_scope
 from service.tables import ModelVersion
-from tests.conftest import REDIS_URL, Api, WorkerProcess, flush_redis, make_api, settings_values
+from tests.conftest import Api, WorkerProcess, backend_values, make_api
 from tests.images import RANKS, card_crops
 from tests.test_api import upload
 from tests.test_end_to_end import label, wait_run
@@ -56,12 +56,7 @@ def versions_of(api: Api, rid: int) -> int:
 @pytest.mark.parametrize("kills", [1, 2])
 def test_sigkill_mid_run(broker: str, kills: int, tmp_path: Path, cache_dir: Path,
                          request: pytest.FixtureRequest) -> None:
-    if broker == "redis":
-        flush_redis()
-        values = settings_values(tmp_path, request.getfixturevalue("postgres_url"), cache_dir,
-                                 broker_url=REDIS_URL)
-    else:
-        values = settings_values(tmp_path, request.getfixturevalue("sqlite_url"), cache_dir)
+    values = backend_values(request, broker, tmp_path, cache_dir)
     gen = make_api(values)
     api = next(gen)
     worker = None
