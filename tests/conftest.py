@@ -167,10 +167,10 @@ def flush_redis() -> None:
 
 
 def backend_values(request: pytest.FixtureRequest, backend: str, tmp_path: Path,
-                   cache_dir: Path) -> dict[str, Any]:
+                   cache_dir: Path, **extra: Any) -> dict[str, Any]:
     """Settings for ``embedded`` (SQLite + filesystem broker) or ``redis`` (PostgreSQL + Redis)."""
     if backend == "redis":
         flush_redis()
         return settings_values(tmp_path, request.getfixturevalue("postgres_url"), cache_dir,
-                               broker_url=REDIS_URL)
-    return settings_values(tmp_path, request.getfixturevalue("sqlite_url"), cache_dir)
+                               broker_url=REDIS_URL, **extra)
+    return settings_values(tmp_path, request.getfixturevalue("sqlite_url"), cache_dir, **extra)

@@ -56,7 +56,8 @@ def versions_of(api: Api, rid: int) -> int:
 @pytest.mark.parametrize("kills", [1, 2])
 def test_sigkill_mid_run(broker: str, kills: int, tmp_path: Path, cache_dir: Path,
                          request: pytest.FixtureRequest) -> None:
-    values = backend_values(request, broker, tmp_path, cache_dir)
+    # reliability, not model quality, is under test: skip fine-tuning to keep runs short
+    values = backend_values(request, broker, tmp_path, cache_dir, finetune=False)
     gen = make_api(values)
     api = next(gen)
     worker = None
