@@ -276,3 +276,26 @@ def test_policy_queues_once_every_class_has_minimum(api: Api) -> None:
 def test_unknown_route_and_method(api: Api) -> None:
     assert_error(api.get("/api/v1/nothing"), 404, "not_found")
     assert_error(api.client.delete("/healthz"), 405, "method_not_allowed")
+
+
+def test_enqueue_only_after_commit(api: Api) -> None:
+    """Rejected requests send nothing; the label that queues a run sends exactly one message."""
+    queue = api.settings.broker_dir / "queue"
+
+    def messages() -> int:
+        return len(list(queue.glob("*"))) if queue.exists() else 0
+
+    p = make_project(api, classes=("a", "b"))
+    ids = [i["id"] for i in upload(api, p["id"], [(f"{n}.jpg", jpeg(color=(n * 20, 9, 9)))
+                                                 for n in range(10)]).json()["images"]]
+    sent = messages()
+    assert sent == 1  # one embedding job for the ten new images
+    for n, iid in enumerate(ids[:9]):
+        api.post(f"/api/v1/images/{iid}/annotations", json={"tags": ["a" if n < 5 else "b"]})
+    assert_error(api.post(f"/api/v1/images/{ids[9]}/annotations", json={"tags": ["zebra"]}),
+                 422, "unknown_class")
+    assert messages() == sent  # nothing queued by labels below the threshold or by the error
+    api.post(f"/api/v1/images/{ids[9]}/annotations", json={"tags": ["b"]})
+    assert messages() == sent + 1
+    upload(api, p["id"], [("dup.jpg", jpeg(color=(0, 9, 9)))])  # a duplicate: nothing to embed
+    assert messages() == sent + 1
