@@ -73,6 +73,11 @@ class KeyCache:
         self._items: dict[str, tuple[float, ApiKey]] = {}
         self._lock = threading.Lock()
 
+    def cached(self, plain: str) -> ApiKey | None:
+        """The cached row for a key while fresh, without touching the database."""
+        hit = self._items.get(hash_key(plain))
+        return hit[1] if hit is not None and hit[0] > time.monotonic() else None
+
     def lookup(self, session: Session, plain: str) -> ApiKey | None:
         """Like :func:`lookup_key`, served from the cache while fresh."""
         digest = hash_key(plain)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Path, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -18,7 +19,11 @@ from service.tables import ApiKey, Image, Project
 _bearer = HTTPBearer(auto_error=False, description="API key: `Authorization: Bearer <key>`")
 
 
-def get_ctx(request: Request) -> AppContext:
+# Dependencies that do no blocking I/O are ``async``: FastAPI runs sync dependencies in the
+# thread pool, and each hop costs about a millisecond on a small machine.
+
+
+async def get_ctx(request: Request) -> AppContext:
     """The application context."""
     return request.app.state.ctx  # type: ignore[no-any-return]
 
@@ -27,19 +32,22 @@ PathId = Annotated[int, Path(ge=1, le=MAX_ID, description="numeric id")]
 CtxDep = Annotated[AppContext, Depends(get_ctx)]
 
 
-def get_session(ctx: CtxDep) -> Iterator[Session]:
-    """A request-scoped session; handlers commit explicitly."""
+async def get_session(ctx: CtxDep) -> AsyncIterator[Session]:
+    """A request-scoped session (connects lazily, in the handler's thread); handlers commit."""
     session = ctx.sessions()
     try:
         yield session
     finally:
-        session.close()
+        if session.in_transaction():
+            await run_in_threadpool(session.close)
+        else:
+            session.close()
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def current_key(
+async def current_key(
     session: SessionDep,
     ctx: CtxDep,
     creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
@@ -47,7 +55,9 @@ def current_key(
     """The caller's API key (401 without a valid one)."""
     if creds is None or creds.scheme.lower() != "bearer" or not creds.credentials:
         raise APIError(401, "unauthorized", "missing API key: send 'Authorization: Bearer <key>'")
-    key = ctx.keys.lookup(session, creds.credentials)
+    key = ctx.keys.cached(creds.credentials)
+    if key is None:  # a database query: off the event loop
+        key = await run_in_threadpool(ctx.keys.lookup, session, creds.credentials)
     if key is None:
         raise APIError(401, "unauthorized", "invalid or revoked API key")
     return key
@@ -59,7 +69,7 @@ CurrentKey = Annotated[ApiKey, Depends(current_key)]
 def require(role: str):  # type: ignore[no-untyped-def]
     """Dependency factory: the caller's key must have at least ``role``."""
 
-    def check(key: CurrentKey) -> ApiKey:
+    async def check(key: CurrentKey) -> ApiKey:
         if not role_allows(key.role, role):
             raise APIError(403, "forbidden", f"this action needs the {role} role; key has "
                            f"{key.role}")
