@@ -6,14 +6,15 @@ import uuid
 
 import numpy as np
 from fastapi import APIRouter, UploadFile
-from sqlalchemy import select
+from fastapi.responses import JSONResponse
+from sqlalchemy import and_, select
 from sqlalchemy.orm import Session
 
 from service.api.images import read_upload
 from service.api.projects import promoted_model
 from service.context import AppContext
 from service.db import insert_ignore
-from service.deps import AnnotatorKey, CtxDep, PathId, SessionDep, visible_image, visible_project
+from service.deps import AnnotatorKey, CtxDep, PathId, SessionDep, visible_project
 from service.errors import APIError, not_found
 from service.imaging import ImageRejected
 from service.inference import (
@@ -40,12 +41,17 @@ def suggestion_out(pred: Prediction, model: LoadedModel, suggestion_id: str | No
     )
 
 
+def no_model() -> APIError:
+    """409 for a project that has no promoted model yet."""
+    return APIError(409, "no_model", "this project has no trained model yet; label at least "
+                    "the minimum per class or start a training run")
+
+
 def require_model(session: Session, project_id: int) -> ModelVersion:
     """The promoted model or 409 ``no_model``."""
     row = promoted_model(session, project_id)
     if row is None:
-        raise APIError(409, "no_model", "this project has no trained model yet; label at least "
-                       "the minimum per class or start a training run")
+        raise no_model()
     return row
 
 
@@ -93,10 +99,24 @@ def suggest(session: Session, ctx: AppContext, images: list[Image],
 
 @router.get("/images/{iid}/suggestions", response_model=SuggestionOut)
 def image_suggestions(iid: PathId, session: SessionDep, ctx: CtxDep,
-                      key: AnnotatorKey) -> SuggestionOut:
+                      key: AnnotatorKey) -> SuggestionOut | JSONResponse:
     """Suggested tags for a stored image from the promoted model (409 ``no_model`` before)."""
-    image = visible_image(session, key, iid)
-    return suggest(session, ctx, [image], require_model(session, image.project_id))[0]
+    # the hot path: image, promoted model and an already served suggestion in one query
+    found = session.execute(
+        select(Image, ModelVersion, Suggestion)
+        .outerjoin(ModelVersion, and_(ModelVersion.project_id == Image.project_id,
+                                      ModelVersion.promoted.is_(True)))
+        .outerjoin(Suggestion, and_(Suggestion.image_id == Image.id,
+                                    Suggestion.model_id == ModelVersion.id))
+        .where(Image.id == iid)).first()
+    if found is None or (key.project_id is not None and key.project_id != found[0].project_id):
+        raise not_found("image", iid)
+    image, row, served = found
+    if row is None:
+        raise no_model()
+    if served is not None:  # stored from a validated SuggestionOut: send it as it is
+        return JSONResponse(served.payload)
+    return suggest(session, ctx, [image], row)[0]
 
 
 @router.post("/projects/{pid}/suggestions", response_model=SuggestionBatchOut)
