@@ -55,18 +55,25 @@ def require_model(session: Session, project_id: int) -> ModelVersion:
     return row
 
 
-def suggest(session: Session, ctx: AppContext, images: list[Image],
-            row: ModelVersion) -> list[SuggestionOut]:
-    """Suggestions for stored images, reusing the ones already served by this model."""
-    known = {s.image_id: s for s in session.scalars(select(Suggestion).where(
-        Suggestion.model_id == row.id, Suggestion.image_id.in_([i.id for i in images])))}
+def suggest(session: Session, ctx: AppContext, images: list[Image], row: ModelVersion,
+            known: dict[int, Suggestion] | None = None,
+            vectors: dict[int, bytes] | None = None) -> list[SuggestionOut]:
+    """Suggestions for stored images, reusing the ones already served by this model.
+
+    ``known`` (served suggestions) and ``vectors`` (embeddings) skip their queries when the
+    caller already has them.
+    """
+    if known is None:
+        known = {s.image_id: s for s in session.scalars(select(Suggestion).where(
+            Suggestion.model_id == row.id, Suggestion.image_id.in_([i.id for i in images])))}
     todo = [i for i in images if i.id not in known]
     served: dict[int, SuggestionOut] = {}
     if todo:
         model = ctx.models.get(row)
-        vectors = dict(session.execute(select(Embedding.image_id, Embedding.vector).where(
-            Embedding.backbone == row.backbone,
-            Embedding.image_id.in_([i.id for i in todo]))).all())
+        if vectors is None:
+            vectors = dict(session.execute(select(Embedding.image_id, Embedding.vector).where(
+                Embedding.backbone == row.backbone,
+                Embedding.image_id.in_([i.id for i in todo]))).all())
         probs: dict[int, np.ndarray] = {}
         embedded = [i for i in todo if i.id in vectors]
         if embedded:
@@ -103,20 +110,23 @@ def image_suggestions(iid: PathId, session: SessionDep, ctx: CtxDep,
     """Suggested tags for a stored image from the promoted model (409 ``no_model`` before)."""
     # the hot path: image, promoted model and an already served suggestion in one query
     found = session.execute(
-        select(Image, ModelVersion, Suggestion)
+        select(Image, ModelVersion, Suggestion, Embedding.vector)
         .outerjoin(ModelVersion, and_(ModelVersion.project_id == Image.project_id,
                                       ModelVersion.promoted.is_(True)))
         .outerjoin(Suggestion, and_(Suggestion.image_id == Image.id,
                                     Suggestion.model_id == ModelVersion.id))
+        .outerjoin(Embedding, and_(Embedding.image_id == Image.id,
+                                   Embedding.backbone == ModelVersion.backbone))
         .where(Image.id == iid)).first()
     if found is None or (key.project_id is not None and key.project_id != found[0].project_id):
         raise not_found("image", iid)
-    image, row, served = found
+    image, row, served, vector = found
     if row is None:
         raise no_model()
     if served is not None:  # stored from a validated SuggestionOut: send it as it is
         return JSONResponse(served.payload)
-    return suggest(session, ctx, [image], row)[0]
+    return suggest(session, ctx, [image], row, known={},
+                   vectors={image.id: vector} if vector is not None else None)[0]
 
 
 @router.post("/projects/{pid}/suggestions", response_model=SuggestionBatchOut)
