@@ -43,7 +43,7 @@ _TRAIN_DEPTHWISE = False  # depthwise-conv backward is slow on CPU (~3x its forw
 _FLIP = True  # also cache the mirrored image's features and pick one at random per sample
 _SHIFT = 1  # random translation of the cached map by up to this many cells
 _DROPOUT = 0.2  # on the embedding, before the head
-_REFIT_HEAD = False  # False: keep the jointly trained head; True: refit train_head afterwards
+_REFIT_HEAD = True  # refit train_head on the tuned embeddings (else keep the joint head)
 
 
 class FinetuneCancelled(Exception):
@@ -55,7 +55,7 @@ class FinetuneConfig:
     """Hyper-parameters; the defaults were chosen on real photos with a 2-core CPU in mind."""
 
     trainable_blocks: int = 2  # last N of the backbone's `blocks` stages (+ conv_head/bn2)
-    steps: int = 150
+    steps: int = 60
     batch_size: int = 32
     lr_backbone: float = 3e-4
     lr_head: float = 1e-3
@@ -110,6 +110,16 @@ def _trainable(top: nn.Sequential) -> list[nn.Parameter]:
     return params
 
 
+def should_try_finetune(y: np.ndarray, task: Task, num_classes: int) -> bool:
+    """Whether every class has at least FINETUNE_MIN_LABELS_PER_CLASS labels (positives)."""
+    y = np.asarray(y)
+    if task == "multiclass":
+        counts = np.bincount(y.astype(np.int64).ravel(), minlength=num_classes)[:num_classes]
+    else:
+        counts = (y.reshape(-1, num_classes) > 0).sum(axis=0)
+    return bool(len(y) > 0 and counts.min() >= FINETUNE_MIN_LABELS_PER_CLASS)
+
+
 def _check_images(images: np.ndarray) -> None:
     expected = (INPUT_SIZE, INPUT_SIZE, 3)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != expected:
@@ -117,11 +127,15 @@ def _check_images(images: np.ndarray) -> None:
             f"images must be uint8 [N,{INPUT_SIZE},{INPUT_SIZE},3] from to_model_input, "
             f"got {images.dtype} {images.shape}"
         )
+    if images.shape[0] == 0:
+        raise ValueError("fine-tuning needs at least one image")
 
 
 def _check_config(config: FinetuneConfig) -> None:
     if config.steps < 1 or config.batch_size < 1:
-        raise ValueError(f"steps and batch_size must be >= 1, got {config.steps}, {config.batch_size}")
+        raise ValueError(
+            f"steps and batch_size must be >= 1, got {config.steps}, {config.batch_size}"
+        )
     rates = (config.lr_backbone, config.lr_head, config.weight_decay)
     if not all(math.isfinite(v) and v >= 0 for v in rates):
         raise ValueError("learning rates and weight_decay must be finite and >= 0")
@@ -169,11 +183,13 @@ def _precompute(
     return cache, torch.cat(embeddings).numpy()
 
 
-def _batch(cache: _Cache, idx: torch.Tensor, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+def _batch(
+    cache: _Cache, idx: torch.Tensor, gen: torch.Generator, device: torch.device
+) -> torch.Tensor:
     """Augmented float32 feature maps for the sample indices ``idx``."""
     x = cache.maps[idx]
     if cache.mirrored is not None:
-        pick = torch.rand(len(idx), generator=gen) < 0.5
+        pick = (torch.rand(len(idx), generator=gen) < 0.5).to(x.device)
         x = torch.where(pick.view(-1, 1, 1, 1), cache.mirrored[idx], x)
     x = x.to(device=device, dtype=torch.float32)
     if _SHIFT > 0:
@@ -182,7 +198,10 @@ def _batch(cache: _Cache, idx: torch.Tensor, gen: torch.Generator, device: torch
         padded = F.pad(x, (s, s, s, s), mode="replicate")
         offsets = torch.randint(0, 2 * s + 1, (len(idx), 2), generator=gen).tolist()
         x = torch.stack(
-            [p[:, dy : dy + size, dx : dx + size] for p, (dy, dx) in zip(padded, offsets, strict=True)]
+            [
+                p[:, dy : dy + size, dx : dx + size]
+                for p, (dy, dx) in zip(padded, offsets, strict=True)
+            ]
         )
     return x
 
@@ -225,7 +244,7 @@ def _train(
     for step in range(config.steps):
         if step % _POLL_EVERY == 0:
             _poll(should_stop)
-        if len(order) < config.batch_size:  # reshuffle once an epoch is used up
+        while len(order) < config.batch_size:  # reshuffle once an epoch is used up
             order = torch.cat([order, torch.randperm(len(cache), generator=gen)])
         idx, order = order[: config.batch_size], order[config.batch_size :]
         x = _batch(cache, idx, gen, device)
@@ -301,7 +320,9 @@ def finetune(
 
     activation: Literal["softmax", "sigmoid"] = "softmax" if task == "multiclass" else "sigmoid"
     if _REFIT_HEAD:
-        params = train_head(_embed_cached(top, cache, torch_device), y, task, num_classes, torch_device)
+        params = train_head(
+            _embed_cached(top, cache, torch_device), y, task, num_classes, torch_device
+        )
     else:
         params = HeadParams(
             weight=head.weight.detach().float().cpu().numpy(),

@@ -42,7 +42,11 @@ MEASURED_FROZEN_ACCURACY = 0.0
 MEASURED_FINETUNED_ACCURACY = 0.0
 FINETUNED_ACCURACY_FLOOR = 0.0
 MAX_LOSS_VS_FROZEN = 0.02
-TINY = FinetuneConfig(trainable_blocks=1, steps=4, batch_size=4, seed=5)
+# The default config with half its steps keeps this file near 2 minutes on 2 busy cores; at
+# 30 labels per class it measured +0.021 to +0.056 over the frozen head (4 draws), the default
+# (60 steps) +0.035 to +0.077.
+TUNE_CONFIG = FinetuneConfig(steps=30)
+TINY = FinetuneConfig(steps=4, batch_size=4, seed=5)
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,9 @@ def _draw(per_class: int, seed: int) -> tuple[list[Image.Image], np.ndarray]:
 def tuned(tmp_path_factory: pytest.TempPathFactory) -> Tuned:
     images, y = _draw(TUNE_SHOTS, seed=1)
     seen: list[float] = []
-    result = finetune(batch_inputs(images), y, "multiclass", C, CPU, progress=seen.append)
+    result = finetune(
+        batch_inputs(images), y, "multiclass", C, CPU, config=TUNE_CONFIG, progress=seen.append
+    )
     path = tmp_path_factory.mktemp("finetune") / "embedding.onnx"
     export_embedding_onnx(result.model, path)
     return Tuned(images, y, result, seen, path)
@@ -97,6 +103,7 @@ def test_finetuned_top_beats_frozen_head(
         [pipeline.run(batch_inputs(cards.test_crops[i : i + 32])) for i in range(0, 143, 32)]
     )
     tuned_acc = float((probs.argmax(1) == cards.test_y).mean())
+    print(f"frozen {frozen_acc:.3f} fine-tuned {tuned_acc:.3f} in {tuned.result.seconds:.1f} s")
     assert tuned_acc >= FINETUNED_ACCURACY_FLOOR, (tuned_acc, frozen_acc)
     assert tuned_acc >= frozen_acc - MAX_LOSS_VS_FROZEN, (tuned_acc, frozen_acc)
     assert tuned.result.device == "cpu"
@@ -119,7 +126,7 @@ def test_only_the_top_is_trained(tuned: Tuned) -> None:
     pretrained = load_backbone().state_dict()
     tuned_state = tuned.result.model.backbone.state_dict()  # type: ignore[union-attr]
     assert tuned_state.keys() == pretrained.keys()
-    cut = len(load_backbone().blocks) - FinetuneConfig().trainable_blocks  # type: ignore[arg-type]
+    cut = len(load_backbone().blocks) - TUNE_CONFIG.trainable_blocks  # type: ignore[arg-type]
     frozen_prefixes = ("conv_stem.", "bn1.", *(f"blocks.{i}." for i in range(cut)))
     changed = []
     for key, value in pretrained.items():
@@ -190,12 +197,14 @@ def test_rejects_bad_config(cards: CardData, config: FinetuneConfig, message: st
         finetune(x, y, "multiclass", C, CPU, config=config)
 
 
-@pytest.mark.parametrize("stop_on_call", [1, 3])
+@pytest.mark.parametrize("stop_on_call", [1, 2])  # 1: while caching maps, 2: while training
 def test_should_stop_cancels(cards: CardData, stop_on_call: int) -> None:
     x, y = _tiny(cards)
     calls = itertools.count(1)
     with pytest.raises(FinetuneCancelled):
-        finetune(x, y, "multiclass", C, CPU, config=TINY, should_stop=lambda: next(calls) >= stop_on_call)
+        finetune(
+            x, y, "multiclass", C, CPU, config=TINY, should_stop=lambda: next(calls) >= stop_on_call
+        )
 
 
 def test_deterministic_with_fixed_seed(cards: CardData) -> None:
