@@ -84,6 +84,7 @@ def env_for(values: dict[str, Any]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PRELABEL_")}
     env.update({f"PRELABEL_{k.upper()}": str(v) for k, v in values.items()})
     env["PYTHONPATH"] = str(REPO)
+    env["PYTHONUNBUFFERED"] = "1"  # worker logs reach the file as they happen
     return env
 
 

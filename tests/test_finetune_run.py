@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from models.finetune import FINETUNE_MIN_LABELS_PER_CLASS
 from service.db import session_scope
 from service.tables import Embedding, ModelVersion
 from tests.conftest import WorkerProcess, make_api, settings_values
 from tests.images import RANKS, card_crops
 from tests.test_api import upload
 from tests.test_end_to_end import label, wait_run
+from workers.finetuning import WORKER_FINETUNE_MIN_LABELS
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +27,7 @@ def test_finetune_tried_and_served(tmp_path: Path, sqlite_url: str, cache_dir: P
     try:
         pid = api.post("/api/v1/projects", json={"name": "ft", "task": "multiclass",
                                                  "classes": list(RANKS)}).json()["id"]
-        crops = card_crops("train", per_class=FINETUNE_MIN_LABELS_PER_CLASS + 3)
+        crops = card_crops("train", per_class=WORKER_FINETUNE_MIN_LABELS + 3)
         extra = card_crops("test")[:20]
         ids = []
         for start in range(0, len(crops + extra), 64):

@@ -11,7 +11,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
+from service.db import session_scope
 from service.settings import Settings
+from service.tables import TrainingRun
 from tests.conftest import (
     REDIS_URL,
     Api,
@@ -44,6 +46,8 @@ def test_broker_wiped_with_jobs_queued(tmp_path: Path, cache_dir: Path, postgres
             label(api, iid, list(c.labels))
         runs = api.get(f"/api/v1/projects/{pid}/training-runs").json()
         assert len(runs) == 1 and runs[0]["status"] == "QUEUED"
+        with session_scope(values["database_url"]) as s:
+            sent_before = s.get(TrainingRun, runs[0]["id"]).enqueued_at  # type: ignore[union-attr]
         flush_redis()  # the broker forgets the run and the embedding jobs
         worker = WorkerProcess(values)
         run = wait_run(api, pid, worker, timeout=120)
@@ -54,7 +58,9 @@ def test_broker_wiped_with_jobs_queued(tmp_path: Path, cache_dir: Path, postgres
                 break
             time.sleep(0.5)
         assert api.get(f"/api/v1/projects/{pid}/stats").json()["embedded"] == len(ids)
-        assert "reconciler re-sent" in worker.tail(100_000)
+        with session_scope(values["database_url"]) as s:
+            resent = s.get(TrainingRun, runs[0]["id"]).enqueued_at  # type: ignore[union-attr]
+        assert sent_before is not None and resent is not None and resent > sent_before
     finally:
         if worker is not None:
             worker.stop()

