@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -26,7 +23,7 @@ from torch import nn
 
 from models.backbone import EMBED_DIM, INPUT_SIZE, EmbeddingModel, Preprocess, load_backbone
 from models.heads import HeadParams, _single_thread_on_cpu, _validate, train_head
-from models.onnx_export import EMBEDDING, IMAGE_INPUT, OPSET
+from models.onnx_export import export_embedding_model
 
 Task = Literal["multiclass", "multilabel"]
 
@@ -342,27 +339,4 @@ def finetune(
 
 def export_embedding_onnx(model: nn.Module, path: Path) -> None:
     """Export an embedding model like ``export_backbone_onnx``: "image" uint8 -> "embedding"."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    model = copy.deepcopy(model).cpu().eval()
-    example = torch.zeros((1, INPUT_SIZE, INPUT_SIZE, 3), dtype=torch.uint8)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with torch.inference_mode(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
-            torch.onnx.export(
-                model,
-                (example,),
-                tmp_name,
-                input_names=[IMAGE_INPUT],
-                output_names=[EMBEDDING],
-                dynamic_axes={IMAGE_INPUT: {0: "batch"}, EMBEDDING: {0: "batch"}},
-                opset_version=OPSET,
-                dynamo=False,
-            )
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    export_embedding_model(copy.deepcopy(model).cpu().eval(), path)

@@ -7,7 +7,7 @@ import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -23,13 +23,19 @@ PROBS_OUTPUT = "probs"
 
 def export_backbone_onnx(path: Path) -> None:
     """Export EmbeddingModel to ``path``: "image" uint8 [N,224,224,3] -> "embedding" [N,1280]."""
+    from models.backbone import EmbeddingModel
+
+    export_embedding_model(EmbeddingModel().eval(), path)
+
+
+def export_embedding_model(model: Any, path: Path) -> None:
+    """Export any uint8 NHWC -> embedding module (pretrained or fine-tuned), atomically."""
     import torch  # imported here: building and merging heads must not need torch
 
-    from models.backbone import INPUT_SIZE, EmbeddingModel
+    from models.constants import INPUT_SIZE
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = EmbeddingModel().eval()
     example = torch.zeros((1, INPUT_SIZE, INPUT_SIZE, 3), dtype=torch.uint8)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
