@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from sqlalchemy import update
@@ -80,7 +79,3 @@ class JobQueue:
         with self.celery.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, timeout=timeout)
 
-
-def stale_before(settings: Settings) -> object:
-    """Cut-off time for re-sending jobs that have not moved."""
-    return utcnow() - timedelta(seconds=settings.requeue_after_seconds)
