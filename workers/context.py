@@ -56,6 +56,16 @@ class WorkerContext:
     def backbone_bytes(self) -> bytes:
         return self.backbone_path().read_bytes()
 
+    def head(self, model_id: int, key: str, sha256: str) -> OnnxModel:
+        """A model version's head, loaded once per process (checked against its sha256)."""
+        name = f"head-{model_id}"
+        with self._lock:
+            model = self._embedders.get(name)
+            if model is None:
+                model = OnnxModel(self.blobs.get(key, sha256), threads=1)
+                self._embedders[name] = model
+            return model
+
     def embedder(self, ref: BackboneRef | None = None) -> OnnxModel:
         """The image -> embedding model: the pretrained one, or a fine-tuned model's own."""
         name = ref.id if ref else self.backbone

@@ -12,7 +12,6 @@ from sqlalchemy.orm import Session
 
 from models.backbone import INPUT_SIZE
 from models.preprocess import to_model_input
-from models.runtime import OnnxModel
 from models.uncertainty import uncertainty
 from service.db import insert_ignore
 from service.imaging import ImageRejected, load_rgb
@@ -109,7 +108,7 @@ def score_images(ctx: WorkerContext, session: Session, project_id: int,
     row = promoted(session, project_id)
     if row is None:
         return 0
-    head = OnnxModel(ctx.blobs.get(row.head_key, row.head_sha256), threads=1)
+    head = ctx.head(row.id, row.head_key, row.head_sha256)
     query = (select(Embedding.image_id, Embedding.vector)
              .join(Image, Image.id == Embedding.image_id)
              .where(Image.project_id == project_id, Image.labeled.is_(False),

@@ -13,7 +13,6 @@ from sqlalchemy.orm import Session
 
 from models.heads import HeadParams, predict_proba, train_head
 from models.metrics import classification_metrics
-from models.runtime import OnnxModel
 from service.tables import Embedding, ModelVersion
 from workers.context import WorkerContext
 from workers.embedding import ensure_embeddings, model_backbone
@@ -101,7 +100,7 @@ def promoted_probs(ctx: WorkerContext, session: Session, current: ModelVersion,
         vectors = dict(session.execute(select(Embedding.image_id, Embedding.vector).where(
             Embedding.backbone == ref.id, Embedding.image_id.in_(ids))).all())
         x = np.stack([np.frombuffer(vectors[i], np.float32) for i in ids])
-    raw = OnnxModel(ctx.blobs.get(current.head_key, current.head_sha256), threads=1).run(x)
+    raw = ctx.head(current.id, current.head_key, current.head_sha256).run(x)
     probs = np.zeros((len(rows), len(classes)), np.float32)  # classes it lacks: never predicted
     thresholds = np.full(len(classes), 0.5, np.float32)
     for j, name in enumerate(current.classes):
