@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageCms, ImageFile, ImageOps
 
-__all__ = ["ImageInfo", "ImageRejected", "inspect_image", "load_rgb", "sniff_format"]
+__all__ = ["ImageInfo", "ImageRejected", "decode_upload", "inspect_image", "load_rgb",
+           "sniff_format"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +97,7 @@ def sniff_format(data: bytes) -> str | None:
 
 def inspect_image(data: bytes, *, max_pixels: int) -> ImageInfo:
     """Validate an upload completely (decodes every pixel) and describe it."""
-    fmt, img = _decode(data, max_pixels=max_pixels, draft_size=None)
-    width, height = img.size
+    fmt, _, (width, height) = _decode(data, max_pixels=max_pixels, draft_size=None)
     return ImageInfo(format=fmt, mime=_FORMATS[fmt][1], width=width, height=height)
 
 
@@ -107,21 +107,36 @@ def load_rgb(data: bytes, *, max_pixels: int, draft_size: int | None = None) -> 
     ``draft_size`` lets JPEGs decode at a reduced power-of-two scale that keeps each side at
     least ``draft_size`` (when the original was); other formats ignore it.
     """
-    fmt, img = _decode(data, max_pixels=max_pixels, draft_size=draft_size)
+    return decode_upload(data, max_pixels=max_pixels, draft_size=draft_size)[1]
+
+
+def decode_upload(data: bytes, *, max_pixels: int,
+                  draft_size: int | None = None) -> tuple[ImageInfo, Image.Image]:
+    """Validate and decode in one pass: the full-size description and the (drafted) RGB image.
+
+    For a request that validates and predicts, this saves the second decode that
+    :func:`inspect_image` followed by :func:`load_rgb` would cost.
+    """
+    fmt, img, (width, height) = _decode(data, max_pixels=max_pixels, draft_size=draft_size)
     try:
         rgb = _to_rgb(img)
         rgb.load()
     except Exception as exc:
         logger.debug("RGB conversion of a %s image (mode %s) failed", fmt, img.mode, exc_info=True)
         raise _unsupported_mode(img.mode) from exc
-    return rgb
+    info = ImageInfo(format=fmt, mime=_FORMATS[fmt][1], width=width, height=height)
+    return info, rgb
 
 
 # -- decoding ----------------------------------------------------------------------------------
 
 
-def _decode(data: bytes, *, max_pixels: int, draft_size: int | None) -> tuple[str, Image.Image]:
-    """Open with the one sniffed plugin, check size and integrity, load, apply orientation."""
+def _decode(data: bytes, *, max_pixels: int,
+            draft_size: int | None) -> tuple[str, Image.Image, tuple[int, int]]:
+    """Open with the one sniffed plugin, check size and integrity, load, apply orientation.
+
+    Returns the format, the oriented image (reduced when drafted) and the full displayed size.
+    """
     if max_pixels < 1:
         raise ValueError("max_pixels must be positive")
     if draft_size is not None and draft_size < 1:
@@ -171,7 +186,8 @@ def _decode(data: bytes, *, max_pixels: int, draft_size: int | None) -> tuple[st
     except Exception as exc:
         logger.debug("decoding a %s upload failed", fmt, exc_info=True)
         raise _corrupt(fmt, "its data is truncated or damaged") from exc
-    return fmt, _apply_orientation(img)
+    oriented, swapped = _apply_orientation(img)
+    return fmt, oriented, (height, width) if swapped else (width, height)
 
 
 def _effective_limit(max_pixels: int) -> int:
@@ -209,17 +225,20 @@ def _png_chunks_intact(data: bytes) -> bool:
     return False
 
 
-def _apply_orientation(img: Image.Image) -> Image.Image:
-    """Rotate/flip into the displayed frame; unreadable EXIF counts as orientation 1."""
+def _apply_orientation(img: Image.Image) -> tuple[Image.Image, bool]:
+    """Rotate/flip into the displayed frame; unreadable EXIF counts as orientation 1.
+
+    Also says whether width and height swapped (orientations 5-8).
+    """
     try:
         with _quiet_pillow():  # exif_transpose re-parses EXIF on the copy it makes
             orientation = img.getexif().get(_ORIENTATION_TAG, 1)
             if not isinstance(orientation, int) or orientation not in range(2, 9):
-                return img
-            return ImageOps.exif_transpose(img)
+                return img, False
+            return ImageOps.exif_transpose(img), orientation >= 5
     except Exception:
         logger.debug("ignoring unreadable EXIF orientation", exc_info=True)
-        return img
+        return img, False
 
 
 # -- mode normalization ------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image as PILImage
 
 from models.constants import INPUT_SIZE
 from models.preprocess import to_model_input
@@ -79,6 +80,11 @@ def predict_image_bytes(cache: ModelCache, model: LoadedModel, data: bytes,
     """Probabilities [C] for an image that has no cached embedding (already validated)."""
     # same decode path as the embedding worker, so both routes give the same answer
     img = load_rgb(data, max_pixels=max_pixels, draft_size=INPUT_SIZE)
+    return predict_rgb(cache, model, img)
+
+
+def predict_rgb(cache: ModelCache, model: LoadedModel, img: PILImage.Image) -> np.ndarray:
+    """Probabilities [C] for an RGB image decoded with ``draft_size=INPUT_SIZE``."""
     return cache.pipeline(model).run(to_model_input(img)[None])[0]
 
 

@@ -115,6 +115,7 @@ def test_multiclass_core_loop(stack: tuple[Api, WorkerProcess]) -> None:
     adhoc = api.post(f"/api/v1/projects/{pid}/predict", role="annotator",
                      files={"file": ("x.jpg", test[0].data, "image/jpeg")}).json()
     assert adhoc["suggestion_id"] is None
+    assert (adhoc["width"], adhoc["height"]) == (one["width"], one["height"])
     for a, b in zip(adhoc["scores"], one["scores"], strict=True):
         assert a["label"] == b["label"] and abs(a["confidence"] - b["confidence"]) < 1e-3
 

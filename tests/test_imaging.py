@@ -18,7 +18,14 @@ import pytest
 from PIL import EpsImagePlugin, Image, ImageFile, ImageOps
 
 from service import imaging
-from service.imaging import ImageInfo, ImageRejected, inspect_image, load_rgb, sniff_format
+from service.imaging import (
+    ImageInfo,
+    ImageRejected,
+    decode_upload,
+    inspect_image,
+    load_rgb,
+    sniff_format,
+)
 
 LIMIT = 50_000_000
 PHOTO_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "cards" / "train"
@@ -738,6 +745,16 @@ def test_draft_size_applies_before_orientation() -> None:
     rgb = load_rgb(data, max_pixels=LIMIT, draft_size=224)
     assert rgb.size == (250, 400)  # 1000 // 224 = 4 -> 400x250 stored, rotated for display
     assert corner_colours(rgb) == expected_corners(6)
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_decode_upload_reports_full_displayed_size_of_drafted_image(orientation: int) -> None:
+    data = oriented(marked(1600, 1000), "JPEG", orientation, quality=95)
+    info, rgb = decode_upload(data, max_pixels=LIMIT, draft_size=224)
+    assert info == inspect_image(data, max_pixels=LIMIT)
+    assert (info.width, info.height) == ((1000, 1600) if orientation >= 5 else (1600, 1000))
+    assert rgb.size == ((250, 400) if orientation >= 5 else (400, 250))
+    assert corner_colours(rgb) == expected_corners(orientation)
 
 
 def test_draft_size_ignored_for_other_formats() -> None:

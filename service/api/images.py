@@ -30,11 +30,17 @@ def image_out(row: Image) -> ImageOut:
                     uncertainty=row.uncertainty, created_at=row.created_at)
 
 
-def read_upload(upload: UploadFile, ctx: AppContext) -> tuple[bytes, ImageInfo]:
-    """Read and validate one uploaded file (raises ImageRejected)."""
+def read_upload_bytes(upload: UploadFile, ctx: AppContext) -> bytes:
+    """The bytes of one uploaded file, within the upload limit (raises ImageRejected)."""
     data = upload.file.read(ctx.settings.max_upload_bytes + 1)
     if len(data) > ctx.settings.max_upload_bytes:
         raise ImageRejected("payload_too_large", "file exceeds the upload limit", 413)
+    return data
+
+
+def read_upload(upload: UploadFile, ctx: AppContext) -> tuple[bytes, ImageInfo]:
+    """Read and validate one uploaded file (raises ImageRejected)."""
+    data = read_upload_bytes(upload, ctx)
     return data, inspect_image(data, max_pixels=ctx.settings.max_image_pixels)
 
 

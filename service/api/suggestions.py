@@ -10,17 +10,19 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import and_, select
 from sqlalchemy.orm import Session
 
-from service.api.images import read_upload
+from models.constants import INPUT_SIZE
+from service.api.images import read_upload_bytes
 from service.api.projects import promoted_model
 from service.context import AppContext
 from service.db import insert_ignore
 from service.deps import AnnotatorKey, CtxDep, PathId, SessionDep, visible_project
 from service.errors import APIError, not_found
-from service.imaging import ImageRejected
+from service.imaging import ImageRejected, decode_upload
 from service.inference import (
     LoadedModel,
     predict_embeddings,
     predict_image_bytes,
+    predict_rgb,
     to_prediction,
 )
 from service.prediction import Prediction
@@ -156,9 +158,11 @@ def predict(pid: PathId, file: UploadFile, session: SessionDep, ctx: CtxDep,
     visible_project(session, key, pid)
     row = require_model(session, pid)
     try:
-        data, info = read_upload(file, ctx)
+        # one decode validates and feeds the model (reduced JPEG decode; full-size info)
+        info, img = decode_upload(read_upload_bytes(file, ctx), draft_size=INPUT_SIZE,
+                                  max_pixels=ctx.settings.max_image_pixels)
     except ImageRejected as exc:
         raise APIError(exc.status, exc.code, exc.message) from exc
     model = ctx.models.get(row)
-    probs = predict_image_bytes(ctx.models, model, data, ctx.settings.max_image_pixels)
+    probs = predict_rgb(ctx.models, model, img)
     return suggestion_out(to_prediction(model, probs, info.width, info.height), model, None, None)
