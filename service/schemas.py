@@ -113,7 +113,7 @@ class BoxIn(Strict):
 
 class AnnotationCreate(Strict):
     tags: list[ClassName] | None = Field(default=None, max_length=1000)
-    boxes: list[BoxIn] | None = Field(default=None, max_length=1000)
+    boxes: list[BoxIn] | None = Field(default=None, max_length=10_000)
     source: Source = "manual"
     suggestion_id: Annotated[str, StringConstraints(max_length=64)] | None = None
 

@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     max_batch_suggestions: int = 256
 
     min_labels_per_class: int = 5
+    min_labels_per_class_detection: int = 15  # images containing the class (Custom Vision's)
+    max_boxes_per_image: int = 500
     retrain_after_new_labels: int = 10  # absolute floor of new labels before an automatic retrain
     retrain_after_fraction: float = 0.2  # ...or this share of the labels the last run saw
     max_train_attempts: int = 2  # a killed run is retried once, then FAILED (worker_lost)

@@ -132,6 +132,8 @@ class Suggestion(Base):
     model_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id", ondelete="CASCADE"))
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(Stamp(), default=utcnow)
+    # NULL while only precomputed by the worker (detection); set when first sent to a client
+    served_at: Mapped[datetime | None] = mapped_column(Stamp(), nullable=True)
 
 
 class TrainingRun(Base):
@@ -185,8 +187,9 @@ class ModelVersion(Base):
     backbone_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     kind: Mapped[str] = mapped_column(String(40))  # frozen_linear | finetuned
     device: Mapped[str] = mapped_column(String(20))
-    head_key: Mapped[str] = mapped_column(String(200))
-    head_sha256: Mapped[str] = mapped_column(String(64))
+    # the classifier head on cached embeddings; detection models have only the pipeline
+    head_key: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    head_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     pipeline_key: Mapped[str] = mapped_column(String(200))
     pipeline_sha256: Mapped[str] = mapped_column(String(64))
     thresholds: Mapped[list[Any]] = mapped_column(JSON)

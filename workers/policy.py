@@ -28,10 +28,17 @@ def label_counts(session: Session, project_id: int) -> tuple[int, Counter[str]]:
     return len(tags), per_class
 
 
+def min_labels(project: Project, settings: Settings) -> int:
+    """Labeled images each class needs before the first automatic run."""
+    if project.task == "detection":
+        return settings.min_labels_per_class_detection
+    return settings.min_labels_per_class
+
+
 def is_due(project: Project, classes: list[str], total: int, per_class: Counter[str],
            settings: Settings) -> bool:
     """Every class has the minimum, and enough labels arrived since the last run."""
-    if not classes or any(per_class[c] < settings.min_labels_per_class for c in classes):
+    if not classes or any(per_class[c] < min_labels(project, settings) for c in classes):
         return False
     if project.labels_at_last_run == 0:
         return True
@@ -72,7 +79,7 @@ def create_run(session: Session, project: Project, trigger: str, settings: Setti
 
 def maybe_queue_run(session: Session, project: Project, settings: Settings) -> TrainingRun | None:
     """Queue an automatic run if the policy says one is due (caller commits, then enqueues)."""
-    if project.task == "detection":
+    if project.task == "detection":  # the detection trainer is not wired into the worker yet
         return None
     classes = list(session.scalars(
         select(ProjectClass.name).where(ProjectClass.project_id == project.id)))

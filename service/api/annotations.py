@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from service.api.projects import class_names
 from service.deps import AnnotatorKey, CtxDep, PathId, SessionDep, visible_image
-from service.errors import APIError
+from service.labeling import record_annotation
 from service.schemas import AnnotationCreate, AnnotationHistory, AnnotationOut
-from service.tables import Annotation, Project, Suggestion
+from service.tables import Annotation, Project
 from workers.policy import maybe_queue_run
 
 router = APIRouter(prefix="/api/v1", tags=["annotations"])
@@ -22,22 +22,6 @@ def annotation_out(row: Annotation) -> AnnotationOut:
                          is_current=row.is_current, created_at=row.created_at)
 
 
-def validate_tags(task: str, tags: list[str] | None, known: list[str]) -> list[str]:
-    """Check tags against the project's task and classes (422 with the reason)."""
-    if tags is None:
-        raise APIError(422, "tags_required", f"a {task} project is labeled with 'tags'")
-    unknown = [t for t in tags if t not in known]
-    if unknown:
-        raise APIError(422, "unknown_class", f"unknown class {unknown[0]!r}",
-                       {"unknown": unknown, "classes": known})
-    if len(set(tags)) != len(tags):
-        raise APIError(422, "duplicate_tag", "a tag is listed twice")
-    if task == "multiclass" and len(tags) != 1:
-        raise APIError(422, "one_tag_required",
-                       f"a multiclass image takes exactly one tag, got {len(tags)}")
-    return tags
-
-
 @router.post("/images/{iid}/annotations", status_code=201, response_model=AnnotationOut)
 def create_annotation(iid: PathId, body: AnnotationCreate, session: SessionDep, ctx: CtxDep,
                       key: AnnotatorKey) -> AnnotationOut:
@@ -45,26 +29,10 @@ def create_annotation(iid: PathId, body: AnnotationCreate, session: SessionDep, 
     image = visible_image(session, key, iid)
     project = session.get(Project, image.project_id)
     assert project is not None
-    if body.boxes is not None:
-        raise APIError(422, "boxes_not_supported",
-                       f"a {project.task} project takes 'tags', not 'boxes'")
-    tags = validate_tags(project.task, body.tags, class_names(session, project.id))
-    if body.source != "manual" and body.suggestion_id is None:
-        raise APIError(422, "suggestion_required",
-                       f"source {body.source!r} needs the suggestion_id it answers")
-    if body.suggestion_id is not None:
-        suggestion = session.get(Suggestion, body.suggestion_id)
-        if suggestion is None or suggestion.image_id != image.id:
-            raise APIError(422, "invalid_suggestion",
-                           "suggestion_id does not name a suggestion served for this image")
-    session.execute(update(Annotation).where(Annotation.image_id == image.id,
-                                             Annotation.is_current.is_(True))
-                    .values(is_current=False))
-    row = Annotation(project_id=project.id, image_id=image.id, tags=tags, source=body.source,
-                     suggestion_id=body.suggestion_id, author_key_id=key.id, is_current=True)
-    session.add(row)
-    image.labeled = True
-    session.flush()
+    boxes = None if body.boxes is None else [b.model_dump(exclude_none=True) for b in body.boxes]
+    row = record_annotation(session, project, image, class_names(session, project.id),
+                            ctx.settings, tags=body.tags, boxes=boxes, source=body.source,
+                            suggestion_id=body.suggestion_id, author_key_id=key.id)
     run = maybe_queue_run(session, project, ctx.settings)
     session.commit()
     if run is not None:  # only after the commit: a rolled-back label enqueues nothing

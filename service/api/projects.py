@@ -69,9 +69,6 @@ def project_out(session: Session, project: Project) -> ProjectOut:
 @router.post("/projects", status_code=201, response_model=ProjectOut)
 def create_project(body: ProjectCreate, session: SessionDep, _: AdminKey) -> ProjectOut:
     """Create a project with its classes (admin)."""
-    if body.task == "detection":
-        raise APIError(422, "unsupported_task",
-                       "detection projects are not available yet; use multiclass or multilabel")
     project = Project(name=body.name, task=body.task)
     session.add(project)
     session.flush()
@@ -138,7 +135,8 @@ def project_stats(pid: PathId, session: SessionDep, key: AnnotatorKey) -> Projec
 def acceptance(session: Session, pid: PathId) -> list[AcceptanceStats]:
     """Per model version: suggestions served and how annotators answered them."""
     served = dict(session.execute(
-        select(Suggestion.model_id, func.count()).where(Suggestion.project_id == pid)
+        select(Suggestion.model_id, func.count()).where(Suggestion.project_id == pid,
+                                                        Suggestion.served_at.is_not(None))
         .group_by(Suggestion.model_id)).all())
     answered = session.execute(
         select(Suggestion.model_id, Annotation.source, func.count())

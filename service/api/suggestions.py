@@ -7,7 +7,7 @@ import uuid
 import numpy as np
 from fastapi import APIRouter, UploadFile
 from fastapi.responses import JSONResponse
-from sqlalchemy import and_, select
+from sqlalchemy import and_, select, update
 from sqlalchemy.orm import Session
 
 from models.constants import INPUT_SIZE
@@ -91,9 +91,11 @@ def suggest(session: Session, ctx: AppContext, images: list[Image], row: ModelVe
             pred = to_prediction(model, probs[image.id], image.width, image.height)
             fresh[image.id] = suggestion_out(pred, model, uuid.uuid4().hex, image.id)
         # one statement; if another request served some of these first, theirs are returned
+        now = utcnow()
         inserted = insert_ignore(session, Suggestion, [
             {"id": out.suggestion_id, "project_id": row.project_id, "image_id": iid,
-             "model_id": row.id, "payload": out.model_dump(mode="json"), "created_at": utcnow()}
+             "model_id": row.id, "payload": out.model_dump(mode="json"), "created_at": now,
+             "served_at": now}
             for iid, out in fresh.items()])
         session.commit()
         if inserted == len(fresh):
@@ -101,9 +103,19 @@ def suggest(session: Session, ctx: AppContext, images: list[Image], row: ModelVe
         else:
             known.update((s.image_id, s) for s in session.scalars(select(Suggestion).where(
                 Suggestion.model_id == row.id, Suggestion.image_id.in_(list(fresh)))))
+    mark_served(session, [s.id for s in known.values() if s.served_at is None])
     for iid, suggestion in known.items():
         served.setdefault(iid, SuggestionOut.model_validate(suggestion.payload))
     return [served[i.id] for i in images]
+
+
+def mark_served(session: Session, ids: list[str]) -> None:
+    """Stamp precomputed suggestions as sent (acceptance statistics count served ones)."""
+    if ids:
+        session.execute(update(Suggestion).where(Suggestion.id.in_(ids),
+                                                 Suggestion.served_at.is_(None))
+                        .values(served_at=utcnow()))
+        session.commit()
 
 
 @router.get("/images/{iid}/suggestions", response_model=SuggestionOut)
@@ -126,6 +138,8 @@ def image_suggestions(iid: PathId, session: SessionDep, ctx: CtxDep,
     if row is None:
         raise no_model()
     if served is not None:  # stored from a validated SuggestionOut: send it as it is
+        if served.served_at is None:
+            mark_served(session, [served.id])
         return JSONResponse(served.payload)
     return suggest(session, ctx, [image], row, known={},
                    vectors={image.id: vector} if vector is not None else None)[0]
