@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from service.api import annotations, health, images, projects, suggestions, training
+from service.api import annotations, datasets, health, images, projects, suggestions, training
 from service.context import build_context
 from service.errors import install_error_handlers
 from service.limits import BodySizeLimit
@@ -22,7 +22,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.ctx = build_context(settings)
     install_error_handlers(app)
-    for module in (health, projects, images, annotations, suggestions, training):
+    for module in (health, projects, images, annotations, suggestions, training, datasets):
         app.include_router(module.router, responses=ERROR_RESPONSES)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes,
+                       larger={datasets.IMPORT_PATH: settings.max_import_bytes})
     return app

@@ -7,11 +7,12 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from service.settings import get_settings
+from service.settings import Settings, get_settings
 
 app = typer.Typer(help="prelabel: ML-assisted pre-labeling service", no_args_is_help=True)
 log = logging.getLogger("prelabel")
@@ -102,6 +103,147 @@ def create_key_cmd(
     with session_scope(get_settings().db_url) as session:
         _, plain = create_key(session, name, role, project)
     typer.echo(plain)
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.secho(message, fg="red", err=True)
+    return typer.Exit(1)
+
+
+@app.command("import")
+def import_cmd(
+    path: Annotated[Path, typer.Argument(help="dataset folder, zip/tar archive, or one "
+                                              "annotation file (COCO/LS JSON, JSONL, VOC XML)")],
+    project: Annotated[int, typer.Option(help="project id")],
+    format: Annotated[str, typer.Option(
+        "--format", help="coco | voc | yolo | azureml | labelstudio | folders")],
+    mapping: Annotated[str | None, typer.Option(
+        help="JSON {source class: project class | null}, or @file.json")] = None,
+    create_classes: Annotated[bool, typer.Option(help="add classes the project lacks")] = True,
+    existing: Annotated[str, typer.Option(help="replace | keep an image's current label")] = (
+        "replace"),
+    images: Annotated[Path | None, typer.Option(
+        help="folder of the images, when PATH is one annotation file")] = None,
+) -> None:
+    """Import a dataset from a path on this machine (in-process; prints the report)."""
+    import json
+    import tempfile
+
+    from service.datasets.archive import ArchiveLimits, archive_kind, extract_archive
+    from service.datasets.importer import ImportOptions
+    from service.datasets.items import IMPORT_FORMATS, ImportFailed
+    from service.datasets.jobs import create_job, fail_job, run_job
+    from service.db import sessionmaker_for
+    from service.queue import JobQueue
+    from service.storage import LocalBlobStore
+    from service.tables import ImportJob, Project
+
+    if format not in IMPORT_FORMATS:
+        raise _fail(f"--format must be one of {', '.join(IMPORT_FORMATS)}")
+    if existing not in ("replace", "keep"):
+        raise _fail("--existing must be replace or keep")
+    if mapping and mapping.startswith("@"):
+        mapping = Path(mapping[1:]).read_text()
+    try:
+        mapped = json.loads(mapping) if mapping else {}
+        assert isinstance(mapped, dict)
+    except (ValueError, AssertionError) as exc:
+        raise _fail("--mapping must be a JSON object") from exc
+    settings = get_settings()
+    _prepare()
+    sessions = sessionmaker_for(settings.db_url)
+    blobs = LocalBlobStore(settings.blob_dir)
+    path = path.resolve()
+    if not path.exists():
+        raise _fail(f"{path} does not exist")
+    with sessions.begin() as session:
+        if session.get(Project, project) is None:
+            raise _fail(f"project {project} not found")
+        job_id = create_job(session, project, format, ImportOptions(mapped, create_classes,
+                                                                    existing),
+                            origin="cli", source_name=str(path), status="RUNNING").id
+    with tempfile.TemporaryDirectory(dir=_tmp_dir(settings)) as tmp:
+        source, annotation_file = path, None
+        if path.is_file():
+            with path.open("rb") as fh:
+                kind = archive_kind(fh.read(512))
+            if kind is not None:
+                try:
+                    source = Path(tmp) / "dataset"
+                    extract_archive(path, source, ArchiveLimits.from_settings(settings))
+                except ImportFailed as exc:
+                    fail_job(sessions, job_id, exc.code, exc.message)
+                    raise _fail(f"{exc.code}: {exc.message}") from exc
+            else:
+                source, annotation_file = (images or path.parent).resolve(), path
+        status = run_job(sessions, blobs, settings, JobQueue(settings), job_id, source,
+                         annotation_file)
+    with sessions() as session:
+        row = session.get(ImportJob, job_id)
+        assert row is not None
+        if row.status != "SUCCEEDED":
+            raise _fail(f"import {job_id} {status}: {row.error_code}: {row.error}")
+        typer.echo(json.dumps({"import_id": job_id, **(row.report or {})}, indent=2))
+
+
+def _tmp_dir(settings: Settings) -> Path:
+    path = settings.data_dir.resolve() / "tmp"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@app.command("export")
+def export_cmd(
+    project: Annotated[int, typer.Option(help="project id")],
+    format: Annotated[str, typer.Option(
+        "--format", help="coco | voc | yolo | azureml | labelstudio | csv")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="the zip file to write")],
+    labels: Annotated[str, typer.Option(help="manual | with_suggestions")] = "manual",
+    min_confidence: Annotated[float | None, typer.Option(
+        help="suggestions: keep classes/boxes at or above this confidence")] = None,
+    images: Annotated[str, typer.Option(help="include | reference")] = "include",
+    split: Annotated[str | None, typer.Option(help="train,val,test, e.g. 80,10,10")] = None,
+    seed: Annotated[int, typer.Option(help="seed of the split")] = 0,
+) -> None:
+    """Export a project's labels to a zip archive (the same archive as the API's)."""
+    import json
+
+    from service.datasets.exporter import ExportOptions, check_options, parse_split, write_export
+    from service.datasets.items import EXPORT_FORMATS, ImportFailed
+    from service.db import sessionmaker_for
+    from service.storage import LocalBlobStore
+    from service.tables import Project
+
+    if format not in EXPORT_FORMATS:
+        raise _fail(f"--format must be one of {', '.join(EXPORT_FORMATS)}")
+    if labels not in ("manual", "with_suggestions") or images not in ("include", "reference"):
+        raise _fail("--labels is manual|with_suggestions; --images is include|reference")
+    try:
+        options = ExportOptions(format, labels, min_confidence, images, parse_split(split), seed)
+    except ValueError as exc:
+        raise _fail("--split is three non-negative numbers, e.g. 80,10,10") from exc
+    settings = get_settings()
+    _prepare()
+    sessions = sessionmaker_for(settings.db_url)
+    with sessions() as session:
+        row = session.get(Project, project)
+        if row is None:
+            raise _fail(f"project {project} not found")
+        try:
+            check_options(row.task, options)
+        except ImportFailed as exc:
+            raise _fail(f"{exc.code}: {exc.message}") from exc
+    tmp = output.with_name(f".{output.name}.partial")
+    try:
+        with tmp.open("wb") as fh:
+            manifest = write_export(sessions, LocalBlobStore(settings.blob_dir), project,
+                                    options, fh.write)
+        tmp.replace(output)
+    finally:
+        tmp.unlink(missing_ok=True)
+    typer.echo(json.dumps({"output": str(output), "images": manifest["images"],
+                           "predicted_images": manifest["predicted_images"],
+                           "missing_images": manifest["missing_count"]}))
 
 
 if __name__ == "__main__":

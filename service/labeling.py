@@ -49,12 +49,13 @@ def validate_boxes(image: Image, boxes: Sequence[Mapping[str, Any]] | None,
 def record_annotation(session: Session, project: Project, image: Image, known: Sequence[str],
                       settings: Settings, *, tags: Sequence[str] | None = None,
                       boxes: Sequence[Mapping[str, Any]] | None = None, source: str = "manual",
-                      suggestion_id: str | None = None,
-                      author_key_id: int | None = None) -> Annotation:
+                      suggestion_id: str | None = None, author_key_id: int | None = None,
+                      import_format: str | None = None) -> Annotation:
     """Validate and add the image's new current label (the previous one stays in history).
 
     Detection labels also store the set of classes present as ``tags``, so per-class counts
-    and the training policy read one column for every task. The caller commits.
+    and the training policy read one column for every task. ``import_format`` marks a label
+    written by a dataset import (source ``manual``). The caller commits.
     """
     if project.task == "detection":
         if tags is not None:
@@ -81,7 +82,8 @@ def record_annotation(session: Session, project: Project, image: Image, known: S
                     .values(is_current=False))
     row = Annotation(project_id=project.id, image_id=image.id, tags=stored_tags,
                      boxes=stored_boxes, source=source, suggestion_id=suggestion_id,
-                     author_key_id=author_key_id, is_current=True)
+                     author_key_id=author_key_id, is_current=True,
+                     import_format=import_format)
     session.add(row)
     image.labeled = True
     session.flush()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -17,22 +18,27 @@ class BodyTooLarge(Exception):
 class BodySizeLimit:
     """Answer 413 ``payload_too_large`` as soon as a body exceeds ``max_bytes``."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int,
+                 larger: dict[str, int] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        # path patterns (full match) with a limit of their own, e.g. archive uploads
+        self.larger = [(re.compile(p), n) for p, n in (larger or {}).items()]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = next((n for p, n in self.larger if p.fullmatch(scope.get("path", ""))),
+                     self.max_bytes)
         for name, value in scope.get("headers", []):
             if name == b"content-length":
                 try:
                     declared = int(value)
                 except ValueError:
                     declared = 0
-                if declared > self.max_bytes:
-                    await self._reject(send)
+                if declared > limit:
+                    await self._reject(send, limit)
                     return
         seen = 0
         exceeded = False
@@ -43,7 +49,7 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
+                if seen > limit:
                     exceeded = True
                     raise BodyTooLarge
             return message
@@ -55,7 +61,7 @@ class BodySizeLimit:
             if exceeded:
                 if message["type"] == "http.response.start" and not started:
                     started = True
-                    await self._reject(send)
+                    await self._reject(send, limit)
                 return
             if message["type"] == "http.response.start":
                 started = True
@@ -65,15 +71,15 @@ class BodySizeLimit:
             await self.app(scope, limited_receive, guarded_send)
         except Exception:
             if exceeded and not started:
-                await self._reject(send)
+                await self._reject(send, limit)
             elif not exceeded:
                 raise
 
-    async def _reject(self, send: Send) -> None:
+    async def _reject(self, send: Send, limit: int) -> None:
         body = json.dumps(
             error_body("payload_too_large",
-                       f"request body exceeds the limit of {self.max_bytes} bytes",
-                       {"limit_bytes": self.max_bytes})
+                       f"request body exceeds the limit of {limit} bytes",
+                       {"limit_bytes": limit})
         ).encode()
         headers: list[Any] = [(b"content-type", b"application/json"),
                               (b"content-length", str(len(body)).encode()),

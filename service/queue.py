@@ -10,7 +10,7 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.settings import Settings
-from service.tables import TrainingRun, utcnow
+from service.tables import ImportJob, TrainingRun, utcnow
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -72,6 +72,22 @@ class JobQueue:
         except Exception:
             log.warning("could not enqueue scoring for project %s", project_id, exc_info=True)
             return False
+        return True
+
+    def send_import(self, sessions: sessionmaker[Session], job_id: int) -> bool:
+        """Send an import job id and stamp ``enqueued_at``; False (left for the reconciler)."""
+        from workers.celery_app import IMPORT_TASK
+
+        try:
+            self.celery.send_task(IMPORT_TASK, args=[job_id])
+        except Exception:
+            log.warning("could not enqueue import %s; the reconciler will retry", job_id,
+                        exc_info=True)
+            return False
+        with sessions.begin() as session:
+            session.execute(
+                update(ImportJob).where(ImportJob.id == job_id).values(enqueued_at=utcnow())
+            )
         return True
 
     def ping(self, timeout: float = 2.0) -> None:

@@ -10,7 +10,10 @@ import hashlib
 import os
 import re
 import tempfile
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import BinaryIO
 
 _KEY = re.compile(r"^[a-z0-9_-]+(/[a-z0-9_.-]+)+$")
 
@@ -48,8 +51,11 @@ class LocalBlobStore:
             raise ValueError(f"invalid storage key: {key!r}")
         return path
 
-    def put(self, key: str, data: bytes) -> None:
-        """Write ``data`` atomically: readers see the old blob, the new one, never half."""
+    def put(self, key: str, data: bytes, sync: bool = True) -> None:
+        """Write ``data`` atomically: readers see the old blob, the new one, never half.
+
+        ``sync=False`` leaves the flush to disk to a later :meth:`sync` of many blobs at once.
+        """
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
@@ -57,11 +63,53 @@ class LocalBlobStore:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
                 fh.flush()
+                if sync:
+                    os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def put_file(self, key: str, src: BinaryIO, max_bytes: int | None = None) -> int:
+        """Copy a file object into a blob atomically, in chunks; returns the bytes written.
+
+        Raises ``ValueError`` (nothing stored) when it holds more than ``max_bytes``.
+        """
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        written = 0
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                while chunk := src.read(1 << 20):
+                    written += len(chunk)
+                    if max_bytes is not None and written > max_bytes:
+                        raise ValueError(f"more than {max_bytes} bytes")
+                    fh.write(chunk)
+                fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        return written
+
+    def sync(self, keys: Iterable[str], threads: int = 8) -> None:
+        """Flush blobs written with ``sync=False`` to disk, several at a time."""
+
+        def one(key: str) -> None:
+            fd = os.open(self._path(key), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            list(pool.map(one, keys))
+
+    def delete(self, key: str) -> None:
+        """Remove a blob (no error when it is already gone)."""
+        self._path(key).unlink(missing_ok=True)
 
     def get(self, key: str, sha256: str | None = None) -> bytes:
         """Read a blob; when ``sha256`` is given the content must match it."""

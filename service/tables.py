@@ -119,6 +119,8 @@ class Annotation(Base):
     author_key_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     is_current: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(Stamp(), default=utcnow)
+    # set on labels written by a dataset import: the format they came from (coco, voc, ...)
+    import_format: Mapped[str | None] = mapped_column(String(20), nullable=True)
 
 
 class Suggestion(Base):
@@ -212,3 +214,30 @@ class ApiKey(Base):
     )
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(Stamp(), default=utcnow)
+
+
+class ImportJob(Base):
+    """A dataset import: QUEUED -> RUNNING -> SUCCEEDED | FAILED, with its report."""
+
+    __tablename__ = "import_jobs"
+    __table_args__ = (Index("ix_import_jobs_status", "status"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    format: Mapped[str] = mapped_column(String(20))
+    options: Mapped[dict[str, Any]] = mapped_column(JSON)  # mapping, create_classes, existing
+    origin: Mapped[str] = mapped_column(String(20))  # upload | cli
+    source_name: Mapped[str] = mapped_column(String(255))  # display only
+    archive_key: Mapped[str | None] = mapped_column(String(200), nullable=True)  # uploads
+    status: Mapped[str] = mapped_column(String(12), default="QUEUED")
+    stage: Mapped[str] = mapped_column(String(40), default="queued")
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    counts: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    report: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    error_code: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    author_key_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    enqueued_at: Mapped[datetime | None] = mapped_column(Stamp(), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(Stamp(), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(Stamp(), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(Stamp(), nullable=True)

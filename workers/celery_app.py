@@ -11,6 +11,7 @@ EMBED_QUEUE = "embed"
 TRAIN_TASK = "prelabel.train"
 EMBED_TASK = "prelabel.embed"
 SCORE_TASK = "prelabel.score"
+IMPORT_TASK = "prelabel.import_dataset"
 
 
 def broker_options(settings: Settings) -> tuple[str, dict[str, object]]:
@@ -47,7 +48,7 @@ def make_celery(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         task_default_queue=EMBED_QUEUE,
         task_routes={TRAIN_TASK: {"queue": TRAIN_QUEUE}, EMBED_TASK: {"queue": EMBED_QUEUE},
-                     SCORE_TASK: {"queue": EMBED_QUEUE}},
+                     SCORE_TASK: {"queue": EMBED_QUEUE}, IMPORT_TASK: {"queue": EMBED_QUEUE}},
         worker_enable_remote_control=not settings.embedded_broker,
         worker_send_task_events=False,
         worker_hijack_root_logger=False,

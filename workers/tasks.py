@@ -8,7 +8,7 @@ from celery import Celery, Task, shared_task
 from celery.signals import worker_ready, worker_shutting_down
 from sqlalchemy.exc import OperationalError
 
-from workers.celery_app import EMBED_TASK, SCORE_TASK, TRAIN_TASK
+from workers.celery_app import EMBED_TASK, IMPORT_TASK, SCORE_TASK, TRAIN_TASK
 from workers.context import worker_context
 from workers.embedding import embed_images, score_images
 from workers.leases import Claim
@@ -80,3 +80,15 @@ def _start_reconciler(sender: object = None, **_: object) -> None:
 def _stop_reconciler(**_: object) -> None:
     if _reconciler is not None:
         _reconciler.stopped.set()
+
+
+@shared_task(name=IMPORT_TASK, bind=True, acks_late=True, reject_on_worker_lost=True,
+             max_retries=10)
+def import_dataset(self: Task, job_id: int) -> str:
+    """Import one dataset job (idempotent: finished jobs are not imported again)."""
+    from workers.importing import run_import
+
+    try:
+        return run_import(worker_context(), int(job_id))
+    except OperationalError as exc:  # DB down: back off and try again
+        raise self.retry(exc=exc, countdown=min(60, 2 ** self.request.retries)) from exc

@@ -19,7 +19,8 @@ def annotation_out(row: Annotation) -> AnnotationOut:
     return AnnotationOut(id=row.id, image_id=row.image_id, tags=list(row.tags or []),
                          boxes=row.boxes, source=row.source,  # type: ignore[arg-type]
                          suggestion_id=row.suggestion_id, author_key_id=row.author_key_id,
-                         is_current=row.is_current, created_at=row.created_at)
+                         is_current=row.is_current, created_at=row.created_at,
+                         import_format=row.import_format)
 
 
 @router.post("/images/{iid}/annotations", status_code=201, response_model=AnnotationOut)
