@@ -103,3 +103,23 @@ def test_first_start_creates_admin_key_once(tmp_path: Path, sqlite_url: str,
         r = client.post("/api/v1/projects", headers={"Authorization": f"Bearer {key}"},
                         json={"name": "x", "task": "multilabel", "classes": ["a"]})
         assert r.status_code == 201, r.text
+
+
+def test_reconciler_resends_a_waiting_image_once_per_requeue_interval(api: Api) -> None:
+    from service.queue import JobQueue
+    from workers.reconcile import reconcile_once
+
+    p = api.post("/api/v1/projects", json={"name": "p", "task": "multiclass",
+                                           "classes": ["a"]}).json()
+    upload(api, p["id"], [(s.name, s.data) for s in card_crops("test", per_class=1)[:2]])
+    settings = api.settings.model_copy(update={"requeue_after_seconds": 1})
+    queue, sessions = JobQueue(settings), api.client.app.state.ctx.sessions  # type: ignore[attr-defined]
+    resent: dict[int, float] = {}
+    assert reconcile_once(sessions, queue, settings, resent)["embeddings"] == 0  # still new
+    time.sleep(1.2)
+    # no worker runs, so both images stay unembedded (as behind a long training run)
+    assert reconcile_once(sessions, queue, settings, resent)["embeddings"] == 2
+    assert reconcile_once(sessions, queue, settings, resent)["embeddings"] == 0  # just sent
+    assert reconcile_once(sessions, queue, settings)["embeddings"] == 2  # without memory
+    time.sleep(1.2)
+    assert reconcile_once(sessions, queue, settings, resent)["embeddings"] == 2

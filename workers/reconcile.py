@@ -7,7 +7,9 @@ looks for runs that should be moving but are not, and for images still lacking e
 from __future__ import annotations
 
 import logging
+import math
 import threading
+import time
 from datetime import timedelta
 
 from sqlalchemy import and_, or_, select, update
@@ -16,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.queue import JobQueue
 from service.settings import Settings
 from service.tables import Embedding, Image, TrainingRun, utcnow
+from workers.importing import resend_stale_imports
 from workers.leases import owner_dead
 
 log = logging.getLogger(__name__)
@@ -42,9 +45,13 @@ def stale_runs(session: Session, settings: Settings) -> list[int]:
     return ids
 
 
-def reconcile_once(sessions: sessionmaker[Session], queue: JobQueue, settings: Settings) -> dict[
-        str, int]:
-    """One pass: re-send stale runs (each claimed by a conditional stamp) and embeddings."""
+def reconcile_once(sessions: sessionmaker[Session], queue: JobQueue, settings: Settings,
+                   resent: dict[int, float] | None = None) -> dict[str, int]:
+    """One pass: re-send stale runs (each claimed by a conditional stamp) and embeddings.
+
+    ``resent`` (image id -> when this reconciler last re-sent it) keeps an image waiting
+    behind a long training run from being re-sent on every pass.
+    """
     sent_runs = 0
     with sessions() as session:
         candidates = stale_runs(session, settings)
@@ -62,11 +69,19 @@ def reconcile_once(sessions: sessionmaker[Session], queue: JobQueue, settings: S
             select(Image.id).outerjoin(Embedding, and_(Embedding.image_id == Image.id))
             .where(Embedding.image_id.is_(None), Image.created_at < cutoff)
             .order_by(Image.id).limit(2048)))
+    if resent is not None:
+        now = time.monotonic()
+        missing = [i for i in missing if now - resent.get(i, -math.inf)
+                   >= settings.requeue_after_seconds]
+        for key in [k for k, at in resent.items() if now - at >= settings.requeue_after_seconds]:
+            del resent[key]
+        resent.update(dict.fromkeys(missing, now))
     if missing:
         queue.send_embed(missing)
     if sent_runs or missing:
         log.info("reconciler re-sent %d runs and %d embeddings", sent_runs, len(missing))
-    return {"runs": sent_runs, "embeddings": len(missing)}
+    imports = resend_stale_imports(sessions, queue, settings)
+    return {"runs": sent_runs, "embeddings": len(missing), "imports": imports}
 
 
 class Reconciler(threading.Thread):
@@ -77,10 +92,11 @@ class Reconciler(threading.Thread):
         super().__init__(daemon=True, name="prelabel-reconciler")
         self.sessions, self.queue, self.settings = sessions, queue, settings
         self.stopped = threading.Event()
+        self.resent: dict[int, float] = {}
 
     def run(self) -> None:
         while not self.stopped.wait(self.settings.reconcile_interval_seconds):
             try:
-                reconcile_once(self.sessions, self.queue, self.settings)
+                reconcile_once(self.sessions, self.queue, self.settings, self.resent)
             except Exception:  # DB or broker down: try again next tick
                 log.warning("reconciler pass failed", exc_info=True)
