@@ -9,6 +9,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnxruntime as ort
 
+from models.detection_types import (
+    BOXES_OUTPUT,
+    IMAGE_INPUT,
+    LABELS_OUTPUT,
+    SCORES_OUTPUT,
+    Detections,
+)
+
 if TYPE_CHECKING:
     import torch
 
@@ -50,6 +58,30 @@ class OnnxModel:
         """Run the model on one input array and return its first output."""
         (out,) = self.session.run([self.output_name], {self.input_name: x})
         return np.asarray(out)
+
+
+class OnnxDetector(OnnxModel):
+    """An exported detector (``models.detection_export``): one RGB uint8 image per call."""
+
+    _OUTPUTS = (BOXES_OUTPUT, SCORES_OUTPUT, LABELS_OUTPUT)
+
+    def __init__(self, model: bytes | Path, threads: int | None = None) -> None:
+        super().__init__(model, threads)
+        names = (self.input_name, *(o.name for o in self.session.get_outputs()))
+        if names != (IMAGE_INPUT, *self._OUTPUTS):
+            raise ValueError(f"not an exported detector: inputs/outputs are {names}")
+
+    def predict(self, image: np.ndarray) -> Detections:
+        """Boxes (xyxy, original pixels), scores and 0-based labels above the in-graph floor."""
+        image = np.ascontiguousarray(image)
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"image must be RGB uint8 [H,W,3], got {image.dtype} {image.shape}")
+        boxes, scores, labels = self.session.run(list(self._OUTPUTS), {IMAGE_INPUT: image})
+        return Detections(
+            boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+            scores=np.asarray(scores, dtype=np.float32).reshape(-1),
+            labels=np.asarray(labels, dtype=np.int64).reshape(-1),
+        )
 
 
 def select_device(setting: str) -> torch.device:

@@ -39,3 +39,15 @@ def uncertainty(
     else:
         raise ValueError(f"task must be 'multiclass' or 'multilabel', got {task!r}")
     return np.clip(score, 0.0, 1.0).astype(np.float32)
+
+
+def detection_uncertainty(scores: np.ndarray, labels: np.ndarray,
+                          thresholds: np.ndarray) -> float:
+    """Uncertainty in [0,1] of one image's detections: how close its most doubtful box is to
+    its class threshold (1 = exactly at it). No candidate box at all counts as certain (0)."""
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if s.size == 0:
+        return 0.0
+    t = np.asarray(thresholds, dtype=np.float64)[np.asarray(labels, dtype=np.int64).reshape(-1)]
+    closeness = 1.0 - np.abs(s - t) / np.maximum(t, 1.0 - t)
+    return float(np.clip(closeness.max(), 0.0, 1.0))

@@ -10,12 +10,15 @@ import numpy as np
 from PIL import Image as PILImage
 
 from models.constants import INPUT_SIZE
+from models.detection_types import Detections
 from models.preprocess import to_model_input
-from models.runtime import OnnxModel
+from models.runtime import OnnxDetector, OnnxModel
 from service.imaging import load_rgb
 from service.prediction import Prediction
 from service.storage import LocalBlobStore
 from service.tables import ModelVersion
+
+MIN_BOX_SIDE = 1.0  # px: narrower suggested boxes are dropped
 
 
 @dataclass
@@ -27,10 +30,11 @@ class LoadedModel:
     task: str
     classes: tuple[str, ...]
     thresholds: np.ndarray
-    head: OnnxModel
+    head: OnnxModel | None  # classification: the head on cached embeddings
     pipeline_key: str
     pipeline_sha256: str
     _pipeline: OnnxModel | None = None
+    _detector: OnnxDetector | None = None
 
 
 class ModelCache:
@@ -50,7 +54,9 @@ class ModelCache:
             if hit is not None:
                 self._items.move_to_end(row.id)
                 return hit
-        head = OnnxModel(self.blobs.get(row.head_key, row.head_sha256), threads=1)
+        head = None
+        if row.head_key is not None:
+            head = OnnxModel(self.blobs.get(row.head_key, row.head_sha256), threads=1)
         loaded = LoadedModel(
             model_id=row.id, version=row.version, task=row.task, classes=tuple(row.classes),
             thresholds=np.asarray(row.thresholds, np.float32), head=head,
@@ -70,8 +76,17 @@ class ModelCache:
         return model._pipeline
 
 
+    def detector(self, model: LoadedModel) -> OnnxDetector:
+        """The image -> boxes graph of a detection model."""
+        if model._detector is None:
+            data = self.blobs.get(model.pipeline_key, model.pipeline_sha256)
+            model._detector = OnnxDetector(data, threads=self.threads)
+        return model._detector
+
+
 def predict_embeddings(model: LoadedModel, vectors: np.ndarray) -> np.ndarray:
     """Class probabilities [N, C] from cached embeddings [N, D]."""
+    assert model.head is not None, "detection models have no embedding head"
     return model.head.run(np.ascontiguousarray(vectors, dtype=np.float32))
 
 
@@ -92,3 +107,35 @@ def to_prediction(model: LoadedModel, probs: np.ndarray, width: int, height: int
     """Wrap class probabilities in the canonical prediction type."""
     return Prediction(task=model.task, class_names=model.classes, width=width, height=height,
                       scores=np.asarray(probs, np.float32), thresholds=model.thresholds)
+
+
+def detect_image_bytes(cache: ModelCache, model: LoadedModel, data: bytes,
+                       max_pixels: int) -> Prediction:
+    """Boxes for a stored image (already validated), decoded at full size in display frame."""
+    return detect_rgb(cache, model, load_rgb(data, max_pixels=max_pixels))
+
+
+def detect_rgb(cache: ModelCache, model: LoadedModel, img: PILImage.Image) -> Prediction:
+    """Boxes for a full-size RGB image (in its displayed frame) as a canonical prediction."""
+    det = cache.detector(model).predict(np.asarray(img))
+    return detections_to_prediction(model, det, img.width, img.height)
+
+
+def detections_to_prediction(model: LoadedModel, det: Detections, width: int,
+                             height: int) -> Prediction:
+    """Wrap detector output (xyxy pixels) in the canonical prediction type (xywh).
+
+    ``scores`` holds, per class, the highest confidence of any of its boxes.
+    """
+    xyxy = np.asarray(det.boxes, np.float32).reshape(-1, 4)
+    xywh = np.concatenate([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], axis=1)
+    # boxes the graph clipped to a sliver at the image border carry no object
+    keep = (xywh[:, 2] >= MIN_BOX_SIDE) & (xywh[:, 3] >= MIN_BOX_SIDE)
+    xywh = xywh[keep]
+    labels = np.asarray(det.labels, np.int64)[keep]
+    scores = np.asarray(det.scores, np.float32)[keep]
+    per_class = np.zeros(len(model.classes), np.float32)
+    np.maximum.at(per_class, labels, scores)
+    return Prediction(task=model.task, class_names=model.classes, width=width, height=height,
+                      scores=per_class, thresholds=model.thresholds, boxes=xywh,
+                      box_labels=labels, box_scores=scores)

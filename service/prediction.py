@@ -45,6 +45,17 @@ class Prediction:
         order = picked[np.argsort(-self.scores[picked])]
         return [(self.class_names[i], float(self.scores[i])) for i in order]
 
+    def box_items(self) -> list[tuple[str, float, tuple[float, float, float, float], bool]]:
+        """Detections, highest confidence first: (label, confidence, xywh, over threshold)."""
+        out = []
+        for i in np.argsort(-self.box_scores, kind="stable"):
+            label = int(self.box_labels[i])
+            conf = float(self.box_scores[i])
+            x, y, w, h = (float(v) for v in self.boxes[i])
+            out.append((self.class_names[label], conf, (x, y, w, h),
+                        conf >= float(self.thresholds[label])))
+        return out
+
     def ranked(self) -> list[tuple[str, float]]:
         """Every class with its confidence, highest first."""
         order = np.argsort(-self.scores, kind="stable")

@@ -128,6 +128,8 @@ class AnnotationOut(BaseModel):
     author_key_id: int | None
     is_current: bool
     created_at: datetime
+    import_format: str | None = Field(
+        default=None, description="the dataset format a label was imported from (else null)")
 
 
 class AnnotationHistory(BaseModel):
@@ -147,6 +149,8 @@ class BoxScore(BaseModel):
     y: float
     width: float
     height: float
+    below_threshold: bool = Field(False, description="only with include_low=true: a box under "
+                                  "its class's served threshold")
 
 
 class SuggestionOut(BaseModel):
@@ -196,6 +200,9 @@ class ModelOut(BaseModel):
     kind: str
     device: str
     classes: list[str]
+    thresholds: list[float] = Field(description="per class, in `classes` order: the confidence "
+                                    "from which a tag (multilabel) or a box (detection) is "
+                                    "suggested")
     promoted: bool
     promotion_note: str | None
     metrics: dict[str, Any]
@@ -261,3 +268,29 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (413, "request or image too large"), (415, "unsupported media type"),
         (422, "invalid input"), (503, "database or storage unavailable"))
 }
+
+
+ImportFormat = Literal["coco", "voc", "yolo", "azureml", "labelstudio", "folders"]
+ExportFormat = Literal["coco", "voc", "yolo", "azureml", "labelstudio", "csv"]
+ImportStatus = Literal["QUEUED", "RUNNING", "SUCCEEDED", "FAILED"]
+
+
+class ImportJobOut(BaseModel):
+    id: int
+    project_id: int
+    format: ImportFormat
+    origin: str = Field(description="upload (API) or cli")
+    source_name: str
+    status: ImportStatus
+    stage: str
+    progress: float
+    counts: dict[str, Any] = Field(description="images, labels, objects and problem counts")
+    report: dict[str, Any] | None = Field(
+        description="the full report (problems by file and object) once SUCCEEDED; the "
+                    "list of a project's imports leaves it out")
+    error_code: str | None
+    error: str | None
+    attempt: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None

@@ -41,7 +41,15 @@ class Settings(BaseSettings):
     lease_seconds: int = 30  # DB lease on a running run; heartbeats renew it
     reconcile_interval_seconds: int = 10
     requeue_after_seconds: int = 60  # re-send QUEUED runs / unembedded images older than this
+    detection_train_seconds: float = 900  # time budget of one detector training run
+    detection_max_epochs: int = 40
     finetune: bool = True  # try fine-tuning the top of the backbone once classes have many labels
+
+    # dataset import/export (archives are checked before anything is extracted)
+    max_import_bytes: int = 2 * 1024**3  # uploaded archive (the import route's body limit)
+    max_import_uncompressed_bytes: int = 8 * 1024**3  # all members together, as declared
+    max_import_member_bytes: int = 1024**3  # one member, as declared
+    max_import_files: int = 200_000  # members of one archive
 
     worker_concurrency: int = 2
     onnx_threads: int = 0  # 0: onnxruntime's default

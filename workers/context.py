@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from models.backbone import backbone_id
 from models.onnx_export import export_backbone_onnx
-from models.runtime import OnnxModel
+from models.runtime import OnnxDetector, OnnxModel
 from service.db import sessionmaker_for
 from service.settings import Settings, get_settings
 from service.storage import LocalBlobStore
@@ -66,15 +66,29 @@ class WorkerContext:
                 self._embedders[name] = model
             return model
 
+    def detector(self, model_id: int, key: str, sha256: str) -> OnnxDetector:
+        """A detection model version's ONNX pipeline, loaded once per process."""
+        name = f"detector-{model_id}"
+        with self._lock:
+            model = self._embedders.get(name)
+            if model is None:
+                model = OnnxDetector(self.blobs.get(key, sha256), threads=self.onnx_threads())
+                self._embedders[name] = model
+            assert isinstance(model, OnnxDetector)
+            return model
+
+    def onnx_threads(self) -> int:
+        """Threads per ONNX session: one worker process per slot splits the cores."""
+        return self.settings.onnx_threads or max(
+            1, (os.cpu_count() or 1) // max(1, self.settings.worker_concurrency))
+
     def embedder(self, ref: BackboneRef | None = None) -> OnnxModel:
         """The image -> embedding model: the pretrained one, or a fine-tuned model's own."""
         name = ref.id if ref else self.backbone
         with self._lock:
             model = self._embedders.get(name)
             if model is None:
-                # one process per worker slot: split the cores instead of oversubscribing them
-                threads = self.settings.onnx_threads or max(
-                    1, (os.cpu_count() or 1) // max(1, self.settings.worker_concurrency))
+                threads = self.onnx_threads()
                 if ref is None or ref.key is None:
                     model = OnnxModel(self.backbone_path(), threads=threads)
                 else:  # only artifacts this service produced, checked against their sha256

@@ -108,6 +108,11 @@ def score_images(ctx: WorkerContext, session: Session, project_id: int,
     row = promoted(session, project_id)
     if row is None:
         return 0
+    if row.task == "detection":  # boxes need the full image: precomputed suggestions
+        from workers.detection import score_detection
+
+        return score_detection(ctx, session, row, image_ids)
+    assert row.head_key is not None and row.head_sha256 is not None
     head = ctx.head(row.id, row.head_key, row.head_sha256)
     query = (select(Embedding.image_id, Embedding.vector)
              .join(Image, Image.id == Embedding.image_id)

@@ -79,8 +79,6 @@ def create_run(session: Session, project: Project, trigger: str, settings: Setti
 
 def maybe_queue_run(session: Session, project: Project, settings: Settings) -> TrainingRun | None:
     """Queue an automatic run if the policy says one is due (caller commits, then enqueues)."""
-    if project.task == "detection":  # the detection trainer is not wired into the worker yet
-        return None
     classes = list(session.scalars(
         select(ProjectClass.name).where(ProjectClass.project_id == project.id)))
     total, per_class = label_counts(session, project.id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 import torch
@@ -90,10 +91,10 @@ def _train(ctx: WorkerContext, run_id: int, owner: str, hb: Heartbeat) -> str:
         project = session.get(Project, run.project_id) if run else None
         assert run is not None and project is not None
         task = project.task
-        if task not in ("multiclass", "multilabel"):
-            raise RunFailed("unsupported_task", f"{task} training is not available yet")
         classes = list(session.scalars(select(ProjectClass.name).where(
             ProjectClass.project_id == project.id).order_by(ProjectClass.id)))
+        if task == "detection":
+            return _train_detector(ctx, session, run_id, owner, hb, project.id, classes)
         hb.progress(0.02, "embedding")
         data = load_labeled(ctx, session, project, classes)
         present = np.flatnonzero(data.counts(len(classes)))
@@ -133,7 +134,8 @@ def _train(ctx: WorkerContext, run_id: int, owner: str, hb: Heartbeat) -> str:
         _check(hb)
         hb.progress(0.95, "publishing")
         model_id = _publish(session, run_id, owner, project.id, task, classes, device.type,
-                            ref, keys, cand, [data.image_ids[i] for i in cand.train_idx],
+                            ref, keys, cand.kind, [float(t) for t in cand.params.thresholds],
+                            cand.metrics, [data.image_ids[i] for i in cand.train_idx],
                             promote, note)
         if promote:
             score_images(ctx, session, project.id)
@@ -166,8 +168,8 @@ def _store_artifacts(ctx: WorkerContext, project_id: int, run_id: int,
 
 def _publish(session: Session, run_id: int, owner: str, project_id: int, task: str,
              classes: list[str], device: str, ref: BackboneRef,
-             keys: dict[str, tuple[str, str]], cand: Candidate, train_ids: list[int],
-             promote: bool, note: str) -> int:
+             keys: dict[str, tuple[str, str]], kind: str, thresholds: list[float],
+             metrics: dict[str, Any], train_ids: list[int], promote: bool, note: str) -> int:
     """Write the version and end the run in one transaction, only while we hold the lease."""
     held = session.execute(update(TrainingRun).where(
         TrainingRun.id == run_id, TrainingRun.lease_owner == owner,
@@ -180,13 +182,14 @@ def _publish(session: Session, run_id: int, owner: str, project_id: int, task: s
     if promote:
         session.execute(update(ModelVersion).where(ModelVersion.project_id == project_id)
                         .values(promoted=False))
+    head_key, head_sha = keys.get("head.onnx", (None, None))
     row = ModelVersion(
         project_id=project_id, run_id=run_id, version=version, task=task, classes=classes,
-        backbone=ref.id, backbone_key=ref.key, backbone_sha256=ref.sha256, kind=cand.kind,
-        device=device, head_key=keys["head.onnx"][0], head_sha256=keys["head.onnx"][1],
+        backbone=ref.id, backbone_key=ref.key, backbone_sha256=ref.sha256, kind=kind,
+        device=device, head_key=head_key, head_sha256=head_sha,
         pipeline_key=keys["pipeline.onnx"][0], pipeline_sha256=keys["pipeline.onnx"][1],
-        thresholds=[float(t) for t in cand.params.thresholds], metrics=cand.metrics,
-        train_image_ids=train_ids, promoted=promote, promotion_note=note)
+        thresholds=thresholds, metrics=metrics, train_image_ids=train_ids, promoted=promote,
+        promotion_note=note)
     session.add(row)
     session.flush()
     session.execute(update(TrainingRun).where(TrainingRun.id == run_id).values(
@@ -194,3 +197,44 @@ def _publish(session: Session, run_id: int, owner: str, project_id: int, task: s
         lease_owner=None, lease_expires_at=None))
     session.commit()
     return row.id
+
+
+def _train_detector(ctx: WorkerContext, session: Session, run_id: int, owner: str,
+                    hb: Heartbeat, project_id: int, classes: list[str]) -> str:
+    """A detection run: train and validate, store the ONNX pipeline, publish, precompute."""
+    from models.detection_train import DetectorTrainingCancelled
+    from workers.detection import compare_detectors, score_detection, train_detector_run
+
+    device = select_device(ctx.settings.device)
+    labeled = session.scalar(select(func.count()).select_from(Image).where(
+        Image.project_id == project_id, Image.labeled.is_(True))) or 0
+    session.execute(update(TrainingRun).where(TrainingRun.id == run_id)
+                    .values(device=device.type, labels_seen=labeled))
+    session.commit()
+    log.info("run %s: training a detector on %s", run_id, device)
+    try:
+        det = train_detector_run(ctx, session, project_id, classes, device,
+                                 progress=lambda f, stage: (_check(hb), hb.progress(f, stage)),
+                                 should_stop=lambda: hb.lost.is_set() or hb.cancelled.is_set())
+    except DetectorTrainingCancelled:
+        _check(hb)
+        raise
+    _check(hb)
+    current = promoted(session, project_id)
+    promote, note = compare_detectors(ctx, current, det.detector, det.val_items,
+                                      det.val_samples, classes)
+    key = model_key(project_id, run_id, "detector.onnx")
+    ctx.blobs.put(key, det.onnx)  # the artifact exists before any row names it
+    keys = {"pipeline.onnx": (key, sha256_hex(det.onnx))}
+    _check(hb)
+    hb.progress(0.95, "publishing")
+    model_id = _publish(session, run_id, owner, project_id, "detection", classes, device.type,
+                        BackboneRef(ctx.backbone), keys, "fcos",
+                        [float(t) for t in det.thresholds], det.metrics, det.train_ids,
+                        promote, note)
+    log.info("run %s: detector model %s (%s)", run_id, model_id, note)
+    if promote:
+        row = session.get(ModelVersion, model_id)
+        assert row is not None
+        score_detection(ctx, session, row)
+    return "SUCCEEDED"

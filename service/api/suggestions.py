@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import uuid
+from typing import Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter, UploadFile
+from fastapi import APIRouter, Query, UploadFile
 from fastapi.responses import JSONResponse
 from sqlalchemy import and_, select, update
 from sqlalchemy.orm import Session
 
 from models.constants import INPUT_SIZE
+from service.adapters import suggestion_out, without_low_boxes
 from service.api.images import read_upload_bytes
 from service.api.projects import promoted_model
 from service.context import AppContext
@@ -20,27 +22,18 @@ from service.errors import APIError, not_found
 from service.imaging import ImageRejected, decode_upload
 from service.inference import (
     LoadedModel,
+    detect_image_bytes,
+    detect_rgb,
     predict_embeddings,
     predict_image_bytes,
     predict_rgb,
     to_prediction,
 )
 from service.prediction import Prediction
-from service.schemas import SuggestionBatchIn, SuggestionBatchOut, SuggestionOut, TagScore
+from service.schemas import SuggestionBatchIn, SuggestionBatchOut, SuggestionOut
 from service.tables import Embedding, Image, ModelVersion, Suggestion, utcnow
 
 router = APIRouter(prefix="/api/v1", tags=["suggestions"])
-
-
-def suggestion_out(pred: Prediction, model: LoadedModel, suggestion_id: str | None,
-                   image_id: int | None) -> SuggestionOut:
-    """Adapter: canonical prediction -> native API shape."""
-    return SuggestionOut(
-        suggestion_id=suggestion_id, image_id=image_id, model_id=model.model_id,
-        model_version=model.version, width=pred.width, height=pred.height,
-        tags=[TagScore(label=n, confidence=round(c, 6)) for n, c in pred.tags()],
-        boxes=[], scores=[TagScore(label=n, confidence=round(c, 6)) for n, c in pred.ranked()],
-    )
 
 
 def no_model() -> APIError:
@@ -57,45 +50,58 @@ def require_model(session: Session, project_id: int) -> ModelVersion:
     return row
 
 
+def predictions(ctx: AppContext, model: LoadedModel, images: list[Image],
+                vectors: dict[int, bytes]) -> dict[int, Prediction]:
+    """Canonical predictions for stored images: from cached embeddings where possible."""
+    out: dict[int, Prediction] = {}
+    if model.task == "detection":  # the detector reads the full image
+        for image in images:
+            out[image.id] = detect_image_bytes(ctx.models, model,
+                                               ctx.blobs.get(image.storage_key),
+                                               ctx.settings.max_image_pixels)
+        return out
+    probs: dict[int, np.ndarray] = {}
+    embedded = [i for i in images if i.id in vectors]
+    if embedded:
+        x = np.stack([np.frombuffer(vectors[i.id], np.float32) for i in embedded])
+        probs.update(zip([i.id for i in embedded], predict_embeddings(model, x), strict=True))
+    for image in images:
+        if image.id not in probs:  # not embedded yet: run the whole pipeline on the file
+            data = ctx.blobs.get(image.storage_key)
+            probs[image.id] = predict_image_bytes(ctx.models, model, data,
+                                                  ctx.settings.max_image_pixels)
+    return {i.id: to_prediction(model, probs[i.id], i.width, i.height) for i in images}
+
+
 def suggest(session: Session, ctx: AppContext, images: list[Image], row: ModelVersion,
             known: dict[int, Suggestion] | None = None,
-            vectors: dict[int, bytes] | None = None) -> list[SuggestionOut]:
-    """Suggestions for stored images, reusing the ones already served by this model.
+            vectors: dict[int, bytes] | None = None) -> list[dict[str, Any]]:
+    """Suggestion payloads for stored images, reusing the ones stored for this model.
 
-    ``known`` (served suggestions) and ``vectors`` (embeddings) skip their queries when the
-    caller already has them.
+    Stored ones were served before or precomputed by the worker (then they are stamped as
+    served now). ``known`` (stored suggestions) and ``vectors`` (embeddings) skip their
+    queries when the caller already has them.
     """
     if known is None:
         known = {s.image_id: s for s in session.scalars(select(Suggestion).where(
             Suggestion.model_id == row.id, Suggestion.image_id.in_([i.id for i in images])))}
     todo = [i for i in images if i.id not in known]
-    served: dict[int, SuggestionOut] = {}
+    served: dict[int, dict[str, Any]] = {}
     if todo:
         model = ctx.models.get(row)
-        if vectors is None:
+        if vectors is None and model.task != "detection":
             vectors = dict(session.execute(select(Embedding.image_id, Embedding.vector).where(
                 Embedding.backbone == row.backbone,
                 Embedding.image_id.in_([i.id for i in todo]))).all())
-        probs: dict[int, np.ndarray] = {}
-        embedded = [i for i in todo if i.id in vectors]
-        if embedded:
-            x = np.stack([np.frombuffer(vectors[i.id], np.float32) for i in embedded])
-            probs.update(zip([i.id for i in embedded], predict_embeddings(model, x), strict=True))
-        for image in todo:
-            if image.id not in probs:  # not embedded yet: run the whole pipeline on the file
-                data = ctx.blobs.get(image.storage_key)
-                probs[image.id] = predict_image_bytes(ctx.models, model, data,
-                                                      ctx.settings.max_image_pixels)
-        fresh: dict[int, SuggestionOut] = {}
-        for image in todo:
-            pred = to_prediction(model, probs[image.id], image.width, image.height)
-            fresh[image.id] = suggestion_out(pred, model, uuid.uuid4().hex, image.id)
+        preds = predictions(ctx, model, todo, vectors or {})
+        fresh = {iid: suggestion_out(p, model.model_id, model.version, uuid.uuid4().hex,
+                                     iid).model_dump(mode="json")
+                 for iid, p in preds.items()}
         # one statement; if another request served some of these first, theirs are returned
         now = utcnow()
         inserted = insert_ignore(session, Suggestion, [
-            {"id": out.suggestion_id, "project_id": row.project_id, "image_id": iid,
-             "model_id": row.id, "payload": out.model_dump(mode="json"), "created_at": now,
-             "served_at": now}
+            {"id": out["suggestion_id"], "project_id": row.project_id, "image_id": iid,
+             "model_id": row.id, "payload": out, "created_at": now, "served_at": now}
             for iid, out in fresh.items()])
         session.commit()
         if inserted == len(fresh):
@@ -105,7 +111,7 @@ def suggest(session: Session, ctx: AppContext, images: list[Image], row: ModelVe
                 Suggestion.model_id == row.id, Suggestion.image_id.in_(list(fresh)))))
     mark_served(session, [s.id for s in known.values() if s.served_at is None])
     for iid, suggestion in known.items():
-        served.setdefault(iid, SuggestionOut.model_validate(suggestion.payload))
+        served.setdefault(iid, suggestion.payload)
     return [served[i.id] for i in images]
 
 
@@ -118,11 +124,21 @@ def mark_served(session: Session, ids: list[str]) -> None:
         session.commit()
 
 
+def shown(payload: dict[str, Any], include_low: bool) -> dict[str, Any]:
+    """A stored payload as answered: low boxes only when asked for."""
+    return payload if include_low else without_low_boxes(payload)
+
+
+IncludeLow = Annotated[bool, Query(description="detection: also return boxes under their "
+                                   "class threshold, flagged `below_threshold`")]
+
+
 @router.get("/images/{iid}/suggestions", response_model=SuggestionOut)
-def image_suggestions(iid: PathId, session: SessionDep, ctx: CtxDep,
-                      key: AnnotatorKey) -> SuggestionOut | JSONResponse:
-    """Suggested tags for a stored image from the promoted model (409 ``no_model`` before)."""
-    # the hot path: image, promoted model and an already served suggestion in one query
+def image_suggestions(iid: PathId, session: SessionDep, ctx: CtxDep, key: AnnotatorKey,
+                      include_low: IncludeLow = False) -> JSONResponse:
+    """Suggested tags or boxes for a stored image from the promoted model (409 ``no_model``
+    before one exists)."""
+    # the hot path: image, promoted model and an already stored suggestion in one query
     found = session.execute(
         select(Image, ModelVersion, Suggestion, Embedding.vector)
         .outerjoin(ModelVersion, and_(ModelVersion.project_id == Image.project_id,
@@ -134,20 +150,21 @@ def image_suggestions(iid: PathId, session: SessionDep, ctx: CtxDep,
         .where(Image.id == iid)).first()
     if found is None or (key.project_id is not None and key.project_id != found[0].project_id):
         raise not_found("image", iid)
-    image, row, served, vector = found
+    image, row, stored, vector = found
     if row is None:
         raise no_model()
-    if served is not None:  # stored from a validated SuggestionOut: send it as it is
-        if served.served_at is None:
-            mark_served(session, [served.id])
-        return JSONResponse(served.payload)
-    return suggest(session, ctx, [image], row, known={},
-                   vectors={image.id: vector} if vector is not None else None)[0]
+    if stored is not None:  # stored from a validated SuggestionOut: send it as it is
+        if stored.served_at is None:
+            mark_served(session, [stored.id])
+        return JSONResponse(shown(stored.payload, include_low))
+    payload = suggest(session, ctx, [image], row, known={},
+                      vectors={image.id: vector} if vector is not None else None)[0]
+    return JSONResponse(shown(payload, include_low))
 
 
 @router.post("/projects/{pid}/suggestions", response_model=SuggestionBatchOut)
 def batch_suggestions(pid: PathId, body: SuggestionBatchIn, session: SessionDep, ctx: CtxDep,
-                      key: AnnotatorKey) -> SuggestionBatchOut:
+                      key: AnnotatorKey, include_low: IncludeLow = False) -> JSONResponse:
     """Suggestions for many stored images of one project, in the order asked."""
     visible_project(session, key, pid)
     limit = ctx.settings.max_batch_suggestions
@@ -162,21 +179,27 @@ def batch_suggestions(pid: PathId, body: SuggestionBatchIn, session: SessionDep,
     unique = list(dict.fromkeys(body.image_ids))
     served = dict(zip(unique, suggest(session, ctx, [found[i] for i in unique], row),
                       strict=True))
-    return SuggestionBatchOut(items=[served[i] for i in body.image_ids])
+    return JSONResponse({"items": [shown(served[i], include_low) for i in body.image_ids]})
 
 
 @router.post("/projects/{pid}/predict", response_model=SuggestionOut)
 def predict(pid: PathId, file: UploadFile, session: SessionDep, ctx: CtxDep,
-            key: AnnotatorKey) -> SuggestionOut:
+            key: AnnotatorKey, include_low: IncludeLow = False) -> JSONResponse:
     """Suggestions for an uploaded image (multipart ``file``); nothing is stored."""
     visible_project(session, key, pid)
     row = require_model(session, pid)
+    detection = row.task == "detection"
     try:
-        # one decode validates and feeds the model (reduced JPEG decode; full-size info)
-        info, img = decode_upload(read_upload_bytes(file, ctx), draft_size=INPUT_SIZE,
+        # one decode validates and feeds the model (classification: reduced JPEG decode)
+        info, img = decode_upload(read_upload_bytes(file, ctx),
+                                  draft_size=None if detection else INPUT_SIZE,
                                   max_pixels=ctx.settings.max_image_pixels)
     except ImageRejected as exc:
         raise APIError(exc.status, exc.code, exc.message) from exc
     model = ctx.models.get(row)
-    probs = predict_rgb(ctx.models, model, img)
-    return suggestion_out(to_prediction(model, probs, info.width, info.height), model, None, None)
+    if detection:
+        pred = detect_rgb(ctx.models, model, img)
+    else:
+        pred = to_prediction(model, predict_rgb(ctx.models, model, img), info.width, info.height)
+    return JSONResponse(shown(suggestion_out(pred, model.model_id, model.version, None, None)
+                              .model_dump(mode="json"), include_low))

@@ -27,7 +27,8 @@ def run_out(row: TrainingRun) -> TrainingRunOut:
 def model_out(row: ModelVersion) -> ModelOut:
     return ModelOut(id=row.id, project_id=row.project_id, run_id=row.run_id, version=row.version,
                     kind=row.kind, device=row.device, classes=list(row.classes),
-                    promoted=row.promoted, promotion_note=row.promotion_note,
+                    thresholds=[float(t) for t in row.thresholds], promoted=row.promoted,
+                    promotion_note=row.promotion_note,
                     metrics=row.metrics, created_at=row.created_at)
 
 
@@ -42,8 +43,6 @@ def _visible_run(session: SessionDep, key: ApiKey, rid: PathId) -> TrainingRun:
 def start_run(pid: PathId, session: SessionDep, ctx: CtxDep, key: OperatorKey) -> TrainingRunOut:
     """Queue a training run now (operator). One queued run per project at most."""
     project: Project = visible_project(session, key, pid)
-    if project.task == "detection":
-        raise APIError(422, "unsupported_task", "detection training is not available yet")
     run = create_run(session, project, "manual", ctx.settings)
     if run is None:
         existing = queued_run(session, pid)

@@ -1,0 +1,186 @@
+"""FCOS detector on real photos: short CPU training, COCO mAP floor, ONNX parity, negatives."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from models.detection_data import load_voc_samples
+from models.detection_eval import choose_score_thresholds, detection_metrics
+from models.detection_export import build_pipeline, export_detector_onnx
+from models.detection_train import (
+    DetectorTrainingCancelled,
+    DetectorTrainResult,
+    TrainConfig,
+    train_detector,
+)
+from models.detection_types import DetectionSample
+from models.detector import DetectorConfig, build_detector, load_detector, predict_detections
+from models.runtime import OnnxDetector
+from tests.models.cards import CARDS, DATASETS
+
+pytestmark = pytest.mark.slow
+
+BCCD = DATASETS / "bccd"
+BCCD_CLASSES = ("RBC", "WBC", "Platelets")
+CARD_CLASSES = ("ace", "king", "nine", "jack", "queen", "ten")
+# Short CPU run for the quality floor (see models/README.md for longer runs).
+TRAIN_BUDGET_S = 150.0
+MAP50_FLOOR = 0.5
+
+
+def _bccd_split(split: str) -> list[Path]:
+    ids = (BCCD / "ImageSets" / "Main" / f"{split}.txt").read_text().split()
+    return [BCCD / "Annotations" / f"{i}.xml" for i in ids]
+
+
+@pytest.fixture(scope="module")
+def bccd() -> dict[str, list[DetectionSample]]:
+    out = {}
+    for split in ("train", "val", "test"):
+        out[split], _ = load_voc_samples(_bccd_split(split), BCCD_CLASSES)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(bccd: dict[str, list[DetectionSample]]) -> DetectorTrainResult:
+    config = DetectorConfig(num_classes=len(BCCD_CLASSES), min_size=320, max_size=544)
+    settings = TrainConfig(max_epochs=10, time_budget_s=TRAIN_BUDGET_S, threads=1, seed=0)
+    # A third of the validation split keeps the per-epoch validation cheap.
+    return train_detector(bccd["train"], bccd["val"][::3], config, "cpu", settings)
+
+
+def test_short_training_reaches_map_floor(
+    trained: DetectorTrainResult, bccd: dict[str, list[DetectionSample]]
+) -> None:
+    assert trained.device == "cpu"
+    assert trained.stop_reason in ("time_budget", "max_epochs", "early_stop")
+    assert trained.seconds < TRAIN_BUDGET_S + 60
+    assert trained.history and all(h.val_map50 is not None for h in trained.history)
+    assert [h.seconds for h in trained.history] == sorted(h.seconds for h in trained.history)
+    assert trained.best_map50 == max(h.val_map50 or 0.0 for h in trained.history)
+    model = load_detector(trained.config, trained.state_dict)
+    test = bccd["test"]
+    metrics = detection_metrics(predict_detections(model, [s.image for s in test]), test, BCCD_CLASSES)
+    print("bccd test after a short CPU run:", json.dumps(metrics))
+    assert metrics["map50"] >= MAP50_FLOOR
+    assert 0.0 < metrics["map"] < metrics["map50"]
+    assert all(c["ap50"] is not None for c in metrics["per_class"].values())
+
+    val = bccd["val"]
+    val_predictions = predict_detections(model, [s.image for s in val])
+    thresholds = choose_score_thresholds(val_predictions, val, len(BCCD_CLASSES))
+    assert ((thresholds > 0.05) & (thresholds < 1.0)).all()
+    at = detection_metrics(val_predictions, val, BCCD_CLASSES, thresholds)
+    for entry in at["per_class"].values():
+        assert entry["precision"] is not None and entry["recall"] is not None
+
+
+def test_config_round_trips_through_json(trained: DetectorTrainResult) -> None:
+    blob = json.dumps(trained.config.to_dict())
+    config = DetectorConfig.from_dict(json.loads(blob))
+    assert config == trained.config
+    model = load_detector(config, trained.state_dict)
+    assert not model.training
+    with pytest.raises(ValueError, match="unknown"):
+        DetectorConfig.from_dict({**json.loads(blob), "colour": "red"})
+
+
+def _parity_images(bccd: dict[str, list[DetectionSample]]) -> list[np.ndarray]:
+    cards, _ = load_voc_samples(sorted((CARDS / "test").glob("*.xml"))[:2], CARD_CLASSES)
+    blood = bccd["test"][0].image
+    return [
+        blood,  # 480x640
+        bccd["test"][5].image[37:437, 11:],  # 400x629, not a multiple of 32
+        cards[0].image,  # 504x378 portrait
+        np.ascontiguousarray(cards[1].image[::2, ::2]),  # 252x189, upscaled by the graph
+        np.ascontiguousarray(np.repeat(np.repeat(blood[:300, :350], 2, 0), 2, 1)),  # 600x700
+    ]
+
+
+def test_onnx_matches_pytorch(
+    trained: DetectorTrainResult, bccd: dict[str, list[DetectionSample]], tmp_path: Path
+) -> None:
+    path = tmp_path / "detector.onnx"
+    export_detector_onnx(trained.config, trained.state_dict, path)
+    graph = onnx.load(path).graph
+    assert [i.name for i in graph.input] == ["image"]
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    dims = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["height", "width", 3]
+    assert [o.name for o in graph.output] == ["boxes", "scores", "labels"]
+
+    runtime = OnnxDetector(path)
+    pipeline = build_pipeline(trained.config, trained.state_dict)
+    compared = 0
+    for image in _parity_images(bccd):
+        got = runtime.predict(image)
+        with torch.inference_mode():
+            boxes, scores, labels = (t.numpy() for t in pipeline(torch.from_numpy(image.copy())))
+        assert got.boxes.dtype == np.float32 and got.labels.dtype == np.int64
+        # Compare above the in-graph floor (0.05) so no detection sits at the cut.
+        keep_got, keep_ref = got.scores > 0.1, scores > 0.1
+        assert keep_got.sum() == keep_ref.sum() > 0, image.shape
+        np.testing.assert_array_equal(got.labels[keep_got], labels[keep_ref])
+        np.testing.assert_allclose(got.scores[keep_got], scores[keep_ref], atol=1e-3)
+        np.testing.assert_allclose(got.boxes[keep_got], boxes[keep_ref], atol=0.5)
+        height, width = image.shape[:2]
+        assert (got.boxes[:, 2] <= width + 1e-3).all() and (got.boxes[:, 3] <= height + 1e-3).all()
+        compared += int(keep_got.sum())
+    assert compared >= 20
+    with pytest.raises(ValueError, match="uint8"):
+        runtime.predict(np.zeros((32, 32, 3), np.float32))
+
+
+def test_runtime_does_not_import_torch() -> None:
+    code = (
+        "import sys; import models.runtime; "
+        "assert 'torch' not in sys.modules, 'runtime imported torch'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
+
+
+def test_fcos_loss_is_finite_on_images_without_boxes() -> None:
+    torch.manual_seed(0)
+    model = build_detector(DetectorConfig(num_classes=3, min_size=128, max_size=192)).train()
+    images = [torch.rand(3, 128, 160), torch.rand(3, 150, 128)]
+    empty = {"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0, dtype=torch.int64)}
+    losses = model(images, [empty, empty])
+    assert losses["classification"] > 0
+    assert all(math.isfinite(float(v)) for v in losses.values())
+    sum(losses.values()).backward()
+
+
+def test_training_with_negative_images_and_cancellation(
+    bccd: dict[str, list[DetectionSample]],
+) -> None:
+    positives = bccd["train"][:2]
+    negatives = [
+        DetectionSample(s.image, np.zeros((0, 4), np.float32), np.zeros(0, np.int64))
+        for s in bccd["train"][2:6]
+    ]
+    config = DetectorConfig(num_classes=len(BCCD_CLASSES), min_size=160, max_size=224)
+    settings = TrainConfig(max_epochs=1, time_budget_s=None, batch_size=2, threads=1)
+    seen: list[float] = []
+    result = train_detector(
+        negatives + positives, positives, config, "cpu", settings, progress=seen.append
+    )
+    assert result.epochs == 1.0 and result.stop_reason == "max_epochs"
+    assert len(result.history) == 1 and math.isfinite(result.history[0].loss)
+    assert seen == sorted(seen) and seen[-1] == 1.0
+
+    with pytest.raises(DetectorTrainingCancelled):
+        train_detector(positives, [], config, "cpu", settings, should_stop=lambda: True)
+    with pytest.raises(ValueError, match="nothing to learn"):
+        train_detector(negatives, [], config, "cpu", settings)
+    with pytest.raises(ValueError, match="0-based"):
+        bad = DetectionSample(positives[0].image, positives[0].boxes, positives[0].labels + 3)
+        train_detector([bad], [], config, "cpu", settings)
