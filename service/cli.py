@@ -161,7 +161,8 @@ def import_cmd(
             raise _fail(f"project {project} not found")
         job_id = create_job(session, project, format, ImportOptions(mapped, create_classes,
                                                                     existing),
-                            origin="cli", source_name=str(path), status="RUNNING").id
+                            origin="cli", source_name=str(path), status="RUNNING",
+                            lease_s=settings.lease_seconds).id
     with tempfile.TemporaryDirectory(dir=_tmp_dir(settings)) as tmp:
         source, annotation_file = path, None
         if path.is_file():

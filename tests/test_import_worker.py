@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import WorkerProcess, backend_values, make_api
+from service.db import session_scope
+from service.tables import Annotation, Image, ImportJob
+from tests.conftest import Api, WorkerProcess, backend_values, make_api
 from tests.test_api import make_project
-from tests.test_datasets_api import BCCD_SUBSET, bccd_voc_zip, labels_by_sha, start_import
+from tests.test_datasets_api import (
+    BCCD,
+    BCCD_SUBSET,
+    bccd_voc_zip,
+    count,
+    labels_by_sha,
+    run_imports,
+    start_import,
+)
 
 
 @pytest.mark.slow
@@ -46,6 +58,67 @@ def test_import_job_on_a_real_worker(request: pytest.FixtureRequest, tmp_path: P
         archives = Path(api.settings.blob_dir) / "imports"
         assert not any(p.is_file() for p in archives.rglob("*"))  # the upload is dropped
         assert not list((Path(values["data_dir"]) / "tmp").glob("import-*"))
+    finally:
+        worker.stop()
+        gen.close()
+
+
+def wait_job(api: Api, jid: int, worker: WorkerProcess, timeout: float = 180) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job: dict[str, Any] = api.get(f"/api/v1/imports/{jid}").json()
+        if job["status"] in ("SUCCEEDED", "FAILED"):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"import {jid} did not finish\n{worker.tail()}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["embedded", "redis"])
+def test_sigkill_mid_import_imports_once(request: pytest.FixtureRequest, tmp_path: Path,
+                                         cache_dir: Path, backend: str) -> None:
+    """The worker child is killed while it checks the whole BCCD dataset: the job is taken
+    over (attempt 2) and imported once, with the labels of an uninterrupted import."""
+    names = sorted(p.stem for p in (BCCD / "Annotations").glob("*.xml"))
+    archive = bccd_voc_zip(names)
+    values = backend_values(request, backend, tmp_path, cache_dir)
+    gen = make_api(values)
+    api = next(gen)
+    worker = WorkerProcess(values, queues="embed")
+    try:
+        pid = make_project(api, task="detection", classes=())["id"]
+        jid = start_import(api, pid, archive, "voc").json()["id"]
+        deadline = time.monotonic() + 120
+        while True:  # killed while it reads and checks images (phase 1)
+            assert time.monotonic() < deadline, worker.tail()
+            with session_scope(api.settings.db_url) as session:
+                job = session.get(ImportJob, jid)
+                assert job is not None and job.status in ("QUEUED", "RUNNING"), worker.tail()
+                owner, stage = job.lease_owner, job.stage
+            if owner and stage == "checking":
+                break
+            time.sleep(0.05)
+        child = int(owner.rpartition(":")[2])
+        assert child != worker.proc.pid  # the prefork child, not the main process
+        os.kill(child, signal.SIGKILL)
+        done = wait_job(api, jid, worker)
+        assert done["status"] == "SUCCEEDED", (done, worker.tail())
+        assert done["attempt"] == 2
+        imported = labels_by_sha(api, pid)
+        assert count(api, Annotation, pid) == len(imported)  # one label row per image
+        time.sleep(3)  # no redelivery loop: nothing changes afterwards
+        after = api.get(f"/api/v1/imports/{jid}").json()
+        assert (after["status"], after["attempt"]) == ("SUCCEEDED", 2)
+        worker.stop()
+        # the same archive, uninterrupted, in-process
+        ref = make_project(api, task="detection", classes=())["id"]
+        start_import(api, ref, archive, "voc")
+        run_imports(api)
+        reference = labels_by_sha(api, ref)
+        assert imported == reference
+        assert count(api, Image, pid) == count(api, Image, ref) == len(names)
+        assert done["report"]["labels"] == api.get(
+            f"/api/v1/projects/{ref}/imports").json()[0]["counts"]["labels"]
     finally:
         worker.stop()
         gen.close()

@@ -12,37 +12,21 @@ import threading
 import time
 from datetime import timedelta
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.queue import JobQueue
 from service.settings import Settings
 from service.tables import Embedding, Image, TrainingRun, utcnow
 from workers.importing import resend_stale_imports
-from workers.leases import owner_dead
+from workers.leases import stale_ids
 
 log = logging.getLogger(__name__)
 
 
 def stale_runs(session: Session, settings: Settings) -> list[int]:
     """Runs to re-send: QUEUED and not sent recently, or RUNNING with a dead lease."""
-    now = utcnow()
-    cutoff = now - timedelta(seconds=settings.requeue_after_seconds)
-    not_recent = or_(TrainingRun.enqueued_at.is_(None), TrainingRun.enqueued_at < cutoff)
-    queued = select(TrainingRun.id).where(TrainingRun.status == "QUEUED", not_recent)
-    ids = list(session.scalars(queued))
-    running = session.execute(select(
-        TrainingRun.id, TrainingRun.lease_owner, TrainingRun.lease_expires_at,
-        TrainingRun.enqueued_at).where(TrainingRun.status == "RUNNING")).all()
-    lease_grace = timedelta(seconds=max(2, settings.reconcile_interval_seconds // 2))
-    for rid, owner, expires, enqueued in running:
-        expires = expires.replace(tzinfo=now.tzinfo) if expires and not expires.tzinfo else expires
-        enqueued = enqueued.replace(tzinfo=now.tzinfo) if enqueued and not enqueued.tzinfo \
-            else enqueued
-        dead = owner_dead(owner) or expires is None or expires < now
-        if dead and (enqueued is None or enqueued < now - lease_grace):
-            ids.append(rid)
-    return ids
+    return [rid for rid, _ in stale_ids(session, TrainingRun, settings)]
 
 
 def reconcile_once(sessions: sessionmaker[Session], queue: JobQueue, settings: Settings,

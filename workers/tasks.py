@@ -85,10 +85,15 @@ def _stop_reconciler(**_: object) -> None:
 @shared_task(name=IMPORT_TASK, bind=True, acks_late=True, reject_on_worker_lost=True,
              max_retries=10)
 def import_dataset(self: Task, job_id: int) -> str:
-    """Import one dataset job (idempotent: finished jobs are not imported again)."""
+    """Import one dataset job (idempotent: a job is imported by one lease holder, once)."""
     from workers.importing import run_import
 
     try:
-        return run_import(worker_context(), int(job_id))
+        outcome = run_import(worker_context(), int(job_id))
     except OperationalError as exc:  # DB down: back off and try again
         raise self.retry(exc=exc, countdown=min(60, 2 ** self.request.retries)) from exc
+    if isinstance(outcome, Claim):
+        if outcome.retry_in is not None:  # leased by a live worker: look again later
+            raise self.retry(countdown=outcome.retry_in)
+        return outcome.reason
+    return outcome

@@ -21,17 +21,13 @@ from workers.embedding import ensure_embeddings, promoted, score_images
 from workers.evaluation import Candidate, assign_folds, compare_with_promoted, out_of_fold
 from workers.finetuning import finetune_candidate
 from workers.labeled import LabeledSet, RunFailed, load_labeled
-from workers.leases import Claim, Heartbeat, claim, finish, owner_id
+from workers.leases import Claim, Heartbeat, LeaseLost, claim, finish, owner_id
 
 log = logging.getLogger(__name__)
 
 
 class RunCancelled(Exception):
     """An operator cancelled the run."""
-
-
-class LeaseLost(Exception):
-    """Another delivery took the run over; stop without writing."""
 
 
 def train_run(ctx: WorkerContext, run_id: int) -> Claim | str:

@@ -2,8 +2,10 @@
 
 Polygons (``segmentation``) become the object's polygon and box; crowd regions are skipped
 (they are not objects); a category without ``bbox`` or ``segmentation`` is an image-level
-class (classification). Exports write one JSON per split: ``annotations/instances_{split}.json``
-(or ``annotations.json``), images below ``images/{split}/``.
+class (classification); an image entry with ``"prelabel_empty": true`` and no annotations is
+labeled with no class (an empty multilabel label). Exports write one JSON per split:
+``annotations/instances_{split}.json`` (or ``annotations.json``), images below
+``images/{split}/``.
 """
 
 from __future__ import annotations
@@ -73,7 +75,8 @@ def _read_file(index: FileIndex, path: Path, rel: str, data: dict[str, Any],
             elif box is not None:
                 boxes.append(box)  # type: ignore[arg-type]
         item.boxes = boxes if boxes or not tags else None
-        item.tags = tags or None
+        # an image entry flagged ``prelabel_empty`` is labeled with no class (multilabel)
+        item.tags = tags if tags or img.get("prelabel_empty") is True else None
         yield item
     if notes is not None:
         for image_id, anns in by_image.items():
@@ -152,6 +155,8 @@ class CocoWriter(Writer):
             "prelabel_source": "suggestion" if item.predicted else "label"}
         if item.predicted:
             entry["model_version"] = item.model_version
+        if item.boxes is None and not item.tags:
+            entry["prelabel_empty"] = True  # labeled, with no class: no annotation says so
         self.images.write(item.split, _dumps(entry), b",")
         if item.boxes is None:
             for tag in item.tags:

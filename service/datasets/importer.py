@@ -1,11 +1,12 @@
 """Importing a dataset into a project: check everything first, then write in one transaction.
 
-Phase 1 reads the files, stores new image blobs (content-addressed, so a failed import leaves
-only unreferenced blobs) and validates every label against the image it belongs to; it writes
-no rows, so progress can be committed beside it. Phase 2 creates classes, images and labels in
-one transaction (``record_annotation`` for every label) and calls ``finish`` inside it: a fatal
-error leaves nothing half-imported. Re-importing the same data adds nothing: images are matched
-by sha256 and an identical current label is left alone.
+Phase 1 reads the files, stores new image blobs (content-addressed) and validates every label
+against the image it belongs to; it writes no rows, so progress can be committed beside it.
+Phase 2 creates classes, images and labels in one transaction (``record_annotation`` for every
+label), calling ``begin`` first and ``finish`` last inside it: a fatal error leaves nothing
+half-imported, and the blobs this import wrote that no image row references are deleted.
+Re-importing the same data adds nothing: images are matched by sha256 and an identical current
+label is left alone.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.boxes import BoxRejected, clean_boxes
 from service.datasets.files import _LS_UPLOAD_PREFIX, FileIndex
+from service.datasets.frames import SWAPPED, box_to_displayed, orientation
 from service.datasets.items import ImportFailed, Report, SourceItem, problem
 from service.datasets.reading import read_dataset
 from service.db import insert_ignore
@@ -31,16 +33,19 @@ from service.errors import APIError
 from service.imaging import ImageRejected, inspect_image
 from service.labeling import record_annotation
 from service.settings import Settings
-from service.storage import LocalBlobStore, image_key, sha256_hex
+from service.storage import BlobMissing, LocalBlobStore, image_key, sha256_hex
 from service.tables import Annotation, Image, Project, ProjectClass, utcnow
+from workers.leases import LeaseLost
 from workers.policy import maybe_queue_run
 
 log = logging.getLogger(__name__)
 MAX_CLASSES = 1000
-WARNINGS = frozenset({"polygon_parts"})  # the object is imported, in a simpler form
+# imported anyway: in a simpler form (polygon_parts), or moved into the displayed frame
+WARNINGS = frozenset({"polygon_parts", "frame_corrected"})
 _CHUNK = 200
 Progress = Callable[[float, str, dict[str, Any]], None]
 Finish = Callable[[Session, Report], None]
+Begin = Callable[[Session], None]
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,7 @@ class _NewImage:
     size_bytes: int
     width: int
     height: int
+    path: Path
 
 
 @dataclass
@@ -109,6 +115,7 @@ class DatasetImport:
         self.sizes: dict[tuple[str, Any], tuple[int, int]] = {}
         self.existing_seen: set[int] = set()
         self.unsynced: list[str] = []
+        self.written: dict[str, Path] = {}  # blobs this import created -> their source file
         self._by_name: dict[str, list[tuple[int, int, int]]] | None = None
         self.task = ""
         self.classes: set[str] = set()  # the project's, and those this import will create
@@ -116,8 +123,22 @@ class DatasetImport:
     # -- phase 1 -----------------------------------------------------------------------------
 
     def run(self, root: Path, annotation_file: Path | None = None,
-            finish: Finish | None = None) -> ImportResult:
-        """Read, check and write; ``finish`` runs inside the final transaction."""
+            finish: Finish | None = None, begin: Begin | None = None) -> ImportResult:
+        """Read, check and write; ``begin`` and ``finish`` run inside the final transaction.
+
+        On failure the blobs this import created are deleted unless an image row names them
+        (not on ``LeaseLost``: the delivery that took over may be using them).
+        """
+        try:
+            return self._run(root, annotation_file, finish, begin)
+        except LeaseLost:
+            raise
+        except BaseException:
+            self.drop_orphans()
+            raise
+
+    def _run(self, root: Path, annotation_file: Path | None, finish: Finish | None,
+             begin: Begin | None) -> ImportResult:
         with self.sessions() as session:
             project = session.get(Project, self.project_id)
             if project is None:
@@ -139,11 +160,12 @@ class DatasetImport:
                     self.progress(0.9 * n / len(items), "checking", self.counts())
                     last = time.monotonic()
         self.progress(0.9, "writing", self.counts())
+        self._restore_missing()
         self.blobs.sync(self.unsynced)  # blobs are on disk before a row points at them
         checked = copy.deepcopy(self.report)
         for attempt in range(1, 4):
             try:
-                return self._write(finish)
+                return self._write(finish, begin)
             except IntegrityError:  # a concurrent import or upload added the same class/row
                 if attempt == 3:
                     raise
@@ -151,6 +173,43 @@ class DatasetImport:
                          self.project_id)
                 self.report = copy.deepcopy(checked)
         raise AssertionError("unreachable")
+
+    def _restore_missing(self) -> None:
+        """Re-store a new image's blob that was there in phase 1 but is gone now (another
+        failed import that had written it cleaned it up)."""
+        for new in self.new_images.values():
+            key = image_key(new.sha256)
+            if key not in self.written and not self.blobs.exists(key):
+                self.blobs.put(key, new.path.read_bytes(), sync=False)
+                self.unsynced.append(key)
+                self.written[key] = new.path
+
+    def drop_orphans(self) -> None:
+        """Delete the blobs this import created that no image row (of any project) names.
+
+        A blob named meanwhile by a concurrent upload is put back from its source file.
+        """
+        if not self.written:
+            return
+        try:
+            keys = list(self.written)
+            dropped = [k for k in keys if k not in self._referenced(keys)]
+            for key in dropped:
+                self.blobs.delete(key)
+            for key in self._referenced(dropped):
+                self.blobs.put(key, self.written[key].read_bytes())
+            log.info("import into project %s failed: %d new blobs deleted", self.project_id,
+                     len(dropped))
+        except Exception:  # the database is down: the blobs stay (unreferenced)
+            log.warning("could not clean up the blobs of a failed import", exc_info=True)
+
+    def _referenced(self, keys: list[str]) -> set[str]:
+        found: set[str] = set()
+        with self.sessions() as session:
+            for start in range(0, len(keys), 500):
+                found.update(session.scalars(select(Image.storage_key).where(
+                    Image.storage_key.in_(keys[start:start + 500]))))
+        return found
 
     def counts(self) -> dict[str, Any]:
         summary = self.report.as_json()
@@ -174,7 +233,7 @@ class DatasetImport:
                 self.report.labels_skipped += 1
             return
         width, height = self.sizes[target]
-        label = self._label(item, width, height)
+        label = self._label(item, target, width, height)
         if label is None:
             return
         previous = self.labels.get(target)
@@ -217,8 +276,10 @@ class DatasetImport:
         if not self.blobs.exists(key):
             self.blobs.put(key, data, sync=False)  # flushed together before any row is written
             self.unsynced.append(key)
+            self.written[key] = path
         self.new_images[digest] = _NewImage(digest, PurePosixPath(name).name[:255] or "image",
-                                            info.format, len(data), info.width, info.height)
+                                            info.format, len(data), info.width, info.height,
+                                            path)
         self.sizes[("sha", digest)] = (info.width, info.height)
         self.report.images_new += 1
         return ("sha", digest)
@@ -279,26 +340,60 @@ class DatasetImport:
         self.classes.add(target)
         return target
 
-    def _label(self, item: SourceItem, width: int, height: int) -> _Label | None:
+    def _label(self, item: SourceItem, target: tuple[str, Any], width: int,
+               height: int) -> _Label | None:
         if self.task == "detection":
-            return self._boxes(item, width, height)
+            return self._boxes(item, target, width, height)
         return self._tags(item)
 
-    def _boxes(self, item: SourceItem, width: int, height: int) -> _Label | None:
+    def _orientation(self, target: tuple[str, Any]) -> int:
+        """The EXIF orientation of a new or stored image (read from its file header)."""
+        kind, key = target
+        if kind == "sha":
+            return orientation(self.new_images[key].path)
+        with self.sessions() as session:
+            storage_key = session.scalar(select(Image.storage_key).where(Image.id == key))
+        try:
+            return orientation(self.blobs.path(storage_key)) if storage_key else 1
+        except BlobMissing:
+            return 1
+
+    def _frame(self, item: SourceItem, target: tuple[str, Any], width: int,
+               height: int) -> int | None:
+        """1, or the EXIF orientation whose raw frame the file's boxes are in; None: skip.
+
+        A declared size that is the displayed one turned by 90 degrees, on an image whose
+        orientation turns it (5-8), means the labels were drawn on the stored pixels.
+        """
+        if not item.declared_size or item.declared_size == (width, height):
+            return 1
+        dw, dh = item.declared_size
+        turned = (dh, dw) == (width, height)
+        orient = self._orientation(target) if turned else 1
+        if orient in SWAPPED:
+            self._note(problem(item.file, "frame_corrected", f"the file says {dw}x{dh}, the "
+                               f"stored pixel size of this image with EXIF orientation "
+                               f"{orient}: its objects were moved into the displayed "
+                               f"{width}x{height} frame", image=item.image_ref))
+            return orient
+        hint = " (EXIF-rotated? labels must be in the displayed frame)" if turned else ""
+        self._note(problem(item.file, "size_mismatch", f"the file says {dw}x{dh}, the image "
+                           f"is {width}x{height}{hint}", image=item.image_ref))
+        self.report.labels_skipped += 1
+        return None
+
+    def _boxes(self, item: SourceItem, target: tuple[str, Any], width: int,
+               height: int) -> _Label | None:
         if item.boxes is None:
             if item.tags:
                 self._note(problem(item.file, "no_boxes", "image-level classes cannot label a "
                                    "detection project", image=item.image_ref))
                 self.report.labels_skipped += 1
             return None
-        if item.declared_size and item.declared_size != (width, height):
-            dw, dh = item.declared_size
-            hint = " (EXIF-rotated? labels must be in the displayed frame)" \
-                if (dh, dw) == (width, height) else ""
-            self._note(problem(item.file, "size_mismatch", f"the file says {dw}x{dh}, the image "
-                               f"is {width}x{height}{hint}", image=item.image_ref))
-            self.report.labels_skipped += 1
+        frame = self._frame(item, target, width, height)
+        if frame is None:
             return None
+        raw_w, raw_h = (height, width) if frame in SWAPPED else (width, height)
         clean: list[dict[str, Any]] = []
         dropped = 0
         for box in item.boxes:
@@ -308,11 +403,13 @@ class DatasetImport:
                 continue
             if label is None:
                 continue
-            sx, sy = (width, height) if box.normalized else (1, 1)
+            sx, sy = (raw_w, raw_h) if box.normalized else (1, 1)
             raw: dict[str, Any] = {"label": label, "x": box.x * sx, "y": box.y * sy,
                                    "width": box.width * sx, "height": box.height * sy}
             if box.polygon is not None:
                 raw["polygon"] = [[px * sx, py * sy] for px, py in box.polygon]
+            if frame != 1:
+                raw = box_to_displayed(raw, frame, raw_w, raw_h)
             try:
                 clean.extend(clean_boxes([raw], width=width, height=height, classes=(label,),
                                          max_boxes=1))
@@ -335,8 +432,9 @@ class DatasetImport:
 
     def _tags(self, item: SourceItem) -> _Label | None:
         names = list(item.tags or []) + [b.label for b in item.boxes or []]
-        if not names:
-            return None
+        if not names:  # an explicit empty tag list labels a multilabel image with no class
+            empty = item.tags is not None and self.task == "multilabel"
+            return _Label(item.file, [], None) if empty else None
         tags: list[str] = []
         for name in dict.fromkeys(n.strip() for n in names):
             tag = self._map(item, name, None)
@@ -357,8 +455,10 @@ class DatasetImport:
 
     # -- phase 2 -----------------------------------------------------------------------------
 
-    def _write(self, finish: Finish | None) -> ImportResult:
+    def _write(self, finish: Finish | None, begin: Begin | None) -> ImportResult:
         with self.sessions() as session:
+            if begin is not None:
+                begin(session)
             project = session.get(Project, self.project_id)
             if project is None:
                 raise ImportFailed("not_found", f"project {self.project_id} not found", 404)

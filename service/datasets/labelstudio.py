@@ -3,9 +3,10 @@
 Reading takes each task's latest annotation that was not cancelled (predictions are not
 labels): ``choices`` are tags; ``rectanglelabels`` and ``polygonlabels`` are objects whose
 coordinates are PERCENT of the image (``original_width`` / ``original_height`` give its size).
-Rotated rectangles are reported and skipped. Writing puts labels in ``annotations`` and
-suggestions in ``predictions`` (with ``score`` and ``model_version``), plus a matching
-``label_config.xml``.
+Rotated rectangles are reported and skipped; an annotation with an empty ``result`` is a label
+with no class (multilabel) or an image with no objects (detection). Writing puts labels in
+``annotations`` and suggestions in ``predictions`` (with ``score`` and ``model_version``), plus
+a matching ``label_config.xml``.
 """
 
 from __future__ import annotations
@@ -85,10 +86,13 @@ def _task(index: FileIndex, path: Path, where: str, task: dict[str, Any]) -> Sou
         else:
             item.problem("unsupported_result", f"result type {kind!r} is not a class, box or "
                          "polygon", obj=i)
-    item.tags = tags or None
     has_regions = any(isinstance(r, dict) and r.get("type") in ("rectanglelabels",
                                                                  "polygonlabels")
                       for r in results)
+    # an annotation with an empty result (or empty choices) is a label with no class
+    empty = not tags and not has_regions and all(
+        isinstance(r, dict) and r.get("type") == "choices" for r in results)
+    item.tags = tags if tags or empty else None
     item.boxes = boxes if boxes or has_regions or not tags else None
     return item
 
@@ -150,6 +154,8 @@ class LabelStudioWriter(Writer):
         self.tasks.write(item.split, json.dumps(task, separators=(",", ":")).encode(), b",\n")
 
     def _results(self, item: ExportItem) -> list[dict[str, Any]]:
+        if item.boxes is None and not item.tags:
+            return []  # labeled with no class: an annotation with an empty result
         if item.boxes is None:
             result: dict[str, Any] = {"id": "c0", "type": "choices", "from_name": "tags",
                                       "to_name": "image", "value": {"choices": item.tags}}
