@@ -36,6 +36,13 @@ class LoadedModel:
     _pipeline: OnnxModel | None = None
     _detector: OnnxDetector | None = None
 
+    @classmethod
+    def from_row(cls, row: ModelVersion, head: OnnxModel | None = None) -> LoadedModel:
+        """The runtime description of a version row (the graphs load on first use)."""
+        return cls(model_id=row.id, version=row.version, task=row.task,
+                   classes=tuple(row.classes), thresholds=np.asarray(row.thresholds, np.float32),
+                   head=head, pipeline_key=row.pipeline_key, pipeline_sha256=row.pipeline_sha256)
+
 
 class ModelCache:
     """LRU of loaded models; artifacts are checked against their stored sha256 on load."""
@@ -57,11 +64,7 @@ class ModelCache:
         head = None
         if row.head_key is not None:
             head = OnnxModel(self.blobs.get(row.head_key, row.head_sha256), threads=1)
-        loaded = LoadedModel(
-            model_id=row.id, version=row.version, task=row.task, classes=tuple(row.classes),
-            thresholds=np.asarray(row.thresholds, np.float32), head=head,
-            pipeline_key=row.pipeline_key, pipeline_sha256=row.pipeline_sha256,
-        )
+        loaded = LoadedModel.from_row(row, head)
         with self._lock:
             self._items[row.id] = loaded
             while len(self._items) > self.size:

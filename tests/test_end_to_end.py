@@ -7,7 +7,10 @@ train, then check suggestions on crops the model never saw. Runs on the embedded
 
 from __future__ import annotations
 
+import csv
+import io
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -56,6 +59,16 @@ def wait_run(api: Api, pid: int, worker: WorkerProcess, timeout: float = 180) ->
     raise AssertionError(f"run did not finish: {runs}\n{worker.tail()}")
 
 
+def exported_suggestions(api: Api, pid: int) -> set[str]:
+    """Images that a CSV export with suggestions lists as suggested."""
+    r = api.get(f"/api/v1/projects/{pid}/export", params={
+        "format": "csv", "labels": "with_suggestions", "images": "reference"})
+    assert r.status_code == 200, r.text
+    with zipfile.ZipFile(io.BytesIO(r.content)) as archive:
+        rows = csv.DictReader(io.StringIO(archive.read("labels.csv").decode()))
+        return {row["image"] for row in rows if row["source"] == "suggestion"}
+
+
 def label(api: Api, image_id: int, tags: list[str], **extra: Any) -> dict[str, Any]:
     r = api.post(f"/api/v1/images/{image_id}/annotations", role="annotator",
                  json={"tags": tags, **extra})
@@ -90,6 +103,16 @@ def test_multiclass_core_loop(stack: tuple[Api, WorkerProcess]) -> None:
     assert metrics["labeled_images"] == 30
     assert metrics["folds"] == 5 and metrics["n_images"] == 30
     assert set(metrics["per_class"]) == set(RANKS)
+
+    # the worker stores a suggestion for every unlabeled image after the promotion: an export
+    # with suggestions carries all of them although none has been served yet
+    deadline = time.monotonic() + 90
+    while len(suggested := exported_suggestions(api, pid)) < len(test) and \
+            time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert len(suggested) == len(test), worker.tail()
+    assert api.get(f"/api/v1/projects/{pid}/stats").json()["acceptance"][0][
+        "suggestions_served"] == 0
 
     # batch suggestions for crops the model never saw
     test_ids = [ids[s.name] for s in test]

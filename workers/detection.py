@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +19,11 @@ from models.detection_eval import choose_score_thresholds, detection_metrics
 from models.detection_types import Detections, DetectionSample
 from models.runtime import OnnxDetector
 from models.uncertainty import detection_uncertainty
-from service.adapters import suggestion_out
 from service.db import insert_ignore
 from service.imaging import ImageRejected, load_rgb
 from service.inference import LoadedModel, detections_to_prediction
 from service.storage import BlobMissing
-from service.tables import Annotation, Image, ModelVersion, Suggestion, utcnow
+from service.tables import Annotation, Image, ModelVersion, Suggestion
 from workers.context import WorkerContext
 from workers.evaluation import hash_fraction
 from workers.labeled import RunFailed
@@ -258,16 +256,15 @@ def score_detection(ctx: WorkerContext, session: Session, row: ModelVersion,
                     image_ids: Sequence[int] | None = None) -> int:
     """Precompute box suggestions (and uncertainty) of unlabeled images with a promoted
     detector; they are stored unserved until a client asks for them."""
+    from workers.embedding import suggestion_row
+
     query = select(Image).where(Image.project_id == row.project_id, Image.labeled.is_(False))
     if image_ids is not None:
         query = query.where(Image.id.in_(image_ids))
     have = set(session.scalars(select(Suggestion.image_id).where(Suggestion.model_id == row.id)))
     images = [i for i in session.scalars(query.order_by(Image.id)) if i.id not in have]
     detector = ctx.detector(row.id, row.pipeline_key, row.pipeline_sha256)
-    model = LoadedModel(model_id=row.id, version=row.version, task=row.task,
-                        classes=tuple(row.classes),
-                        thresholds=np.asarray(row.thresholds, np.float32), head=None,
-                        pipeline_key=row.pipeline_key, pipeline_sha256=row.pipeline_sha256)
+    model = LoadedModel.from_row(row)
     done = 0
     for start in range(0, len(images), SCORE_COMMIT_EVERY):
         rows, scores = [], []
@@ -277,11 +274,7 @@ def score_detection(ctx: WorkerContext, session: Session, row: ModelVersion,
                 continue
             det = detector.predict(rgb)
             pred = detections_to_prediction(model, det, rgb.shape[1], rgb.shape[0])
-            out = suggestion_out(pred, row.id, row.version, uuid.uuid4().hex, image.id)
-            rows.append({"id": out.suggestion_id, "project_id": row.project_id,
-                         "image_id": image.id, "model_id": row.id,
-                         "payload": out.model_dump(mode="json"), "created_at": utcnow(),
-                         "served_at": None})
+            rows.append(suggestion_row(row, image.id, pred))
             scores.append({"id": image.id, "uncertainty": detection_uncertainty(
                 det.scores, det.labels, model.thresholds), "uncertainty_model_id": row.id})
         if rows:

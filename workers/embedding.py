@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 from sqlalchemy import select, update
@@ -13,10 +15,13 @@ from sqlalchemy.orm import Session
 from models.backbone import INPUT_SIZE
 from models.preprocess import to_model_input
 from models.uncertainty import uncertainty
+from service.adapters import suggestion_out
 from service.db import insert_ignore
 from service.imaging import ImageRejected, load_rgb
+from service.inference import LoadedModel, to_prediction
+from service.prediction import Prediction
 from service.storage import BlobMissing
-from service.tables import Embedding, Image, ModelVersion, utcnow
+from service.tables import Embedding, Image, ModelVersion, Suggestion, utcnow
 from workers.context import BackboneRef, WorkerContext
 
 log = logging.getLogger(__name__)
@@ -102,9 +107,18 @@ def promoted(session: Session, project_id: int) -> ModelVersion | None:
         ModelVersion.project_id == project_id, ModelVersion.promoted.is_(True)))
 
 
+def suggestion_row(row: ModelVersion, image_id: int, pred: Prediction) -> dict[str, Any]:
+    """A precomputed (not yet served) suggestion of a promoted model, as a table row."""
+    out = suggestion_out(pred, row.id, row.version, uuid.uuid4().hex, image_id)
+    return {"id": out.suggestion_id, "project_id": row.project_id, "image_id": image_id,
+            "model_id": row.id, "payload": out.model_dump(mode="json"), "created_at": utcnow(),
+            "served_at": None}
+
+
 def score_images(ctx: WorkerContext, session: Session, project_id: int,
                  image_ids: Sequence[int] | None = None) -> int:
-    """Store the promoted model's uncertainty on unlabeled images (for order=uncertainty)."""
+    """Store the promoted model's uncertainty (for order=uncertainty) and suggestion on
+    unlabeled images."""
     row = promoted(session, project_id)
     if row is None:
         return 0
@@ -114,19 +128,26 @@ def score_images(ctx: WorkerContext, session: Session, project_id: int,
         return score_detection(ctx, session, row, image_ids)
     assert row.head_key is not None and row.head_sha256 is not None
     head = ctx.head(row.id, row.head_key, row.head_sha256)
-    query = (select(Embedding.image_id, Embedding.vector)
+    query = (select(Embedding.image_id, Embedding.vector, Image.width, Image.height)
              .join(Image, Image.id == Embedding.image_id)
              .where(Image.project_id == project_id, Image.labeled.is_(False),
                     Embedding.backbone == row.backbone))
+    stored = select(Suggestion.image_id).where(Suggestion.model_id == row.id)
     if image_ids is not None:
         query = query.where(Image.id.in_(image_ids))
+        stored = stored.where(Suggestion.image_id.in_(image_ids))
     rows = session.execute(query).all()
-    thresholds = np.asarray(row.thresholds, np.float32)
+    have = set(session.scalars(stored))
+    model = LoadedModel.from_row(row)
     for start in range(0, len(rows), 2048):
         chunk = rows[start:start + 2048]
-        x = np.stack([np.frombuffer(v, np.float32) for _, v in chunk])
-        u = uncertainty(row.task, head.run(x), thresholds)  # type: ignore[arg-type]
+        probs = head.run(np.stack([np.frombuffer(r[1], np.float32) for r in chunk]))
+        u = uncertainty(row.task, probs, model.thresholds)  # type: ignore[arg-type]
         session.execute(update(Image), [
-            {"id": iid, "uncertainty": float(val), "uncertainty_model_id": row.id}
-            for (iid, _), val in zip(chunk, u, strict=True)])
+            {"id": r[0], "uncertainty": float(val), "uncertainty_model_id": row.id}
+            for r, val in zip(chunk, u, strict=True)])
+        # the suggestion too, stored unserved: exports and the first request read it
+        insert_ignore(session, Suggestion, [
+            suggestion_row(row, r[0], to_prediction(model, p, r[2], r[3]))
+            for r, p in zip(chunk, probs, strict=True) if r[0] not in have])
     return len(rows)
