@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
@@ -23,6 +22,7 @@ from torchvision.transforms import v2
 
 from models.constants import MEAN
 from models.detection_types import DetectionSample
+from models.detector import resize_image
 
 Target = dict[str, torch.Tensor]
 _EXIF_ORIENTATION = 0x0112
@@ -34,22 +34,16 @@ _FILL = [round(255 * m) for m in MEAN]  # canvas revealed by zooming out: the me
 
 
 def resized_size(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
-    """(h, w) that torchvision's detection transform resizes an image of (height, width) to."""
-    scale = min(min_size / min(height, width), max_size / max(height, width))
-    return math.floor(height * scale), math.floor(width * scale)
+    """(h, w) that the detector's transform resizes an image of (height, width) to."""
+    shape = torch.tensor([height, width], dtype=torch.float32)
+    scale = torch.min(min_size / shape.min(), max_size / shape.max())
+    size = torch.floor(shape * scale + 1e-3).to(torch.int64)
+    return int(size[0]), int(size[1])
 
 
 def _resize(image: torch.Tensor, min_size: int, max_size: int) -> torch.Tensor:
-    """uint8 [3,H,W] -> uint8 resized exactly like GeneralizedRCNNTransform (bilinear)."""
-    height, width = image.shape[-2:]
-    scale = min(min_size / min(height, width), max_size / max(height, width))
-    out = F.interpolate(
-        image[None].float(),
-        scale_factor=scale,
-        mode="bilinear",
-        recompute_scale_factor=True,
-        align_corners=False,
-    )[0]
+    """uint8 [3,H,W] -> uint8 resized exactly like the detector's own transform (bilinear)."""
+    out = resize_image(image.float(), min_size, max_size)
     return out.round_().clamp_(0, 255).to(torch.uint8)
 
 

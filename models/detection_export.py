@@ -66,7 +66,8 @@ def export_detector_onnx(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # A non-square example that is not a multiple of 32, so no size gets baked in as a constant.
-    example = torch.randint(0, 256, (301, 403, 3), dtype=torch.uint8)
+    generator = torch.Generator().manual_seed(0)  # leave the global RNG alone
+    example = torch.randint(0, 256, (301, 403, 3), dtype=torch.uint8, generator=generator)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:

@@ -17,15 +17,18 @@ from typing import Any
 import numpy as np
 import timm
 import torch
+import torch.nn.functional as F
+import torchvision
 from torch import nn
 from torchvision.models.detection import FCOS
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.fcos import FCOSHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelP6P7
 
 from models.backbone import load_backbone
 from models.constants import MEAN, STD
-from models.detection_types import Detections
+from models.detection_types import Detections, DetectionSample
 
 _ARCH = "efficientnet_lite0"
 _BN_EPS = 1e-3  # the pretrained weights' BatchNorm eps (see backbone.py)
@@ -47,8 +50,9 @@ class DetectorConfig:
     """
 
     num_classes: int
-    min_size: int = 416
-    max_size: int = 704
+    # 320 px beat 416 and 512 on bccd within a fixed 300 s CPU budget (models/README.md).
+    min_size: int = 320
+    max_size: int = 544
     levels: int = 5
     fpn_channels: int = 64
     head_convs: int = 4
@@ -136,6 +140,44 @@ class BackboneFPN(nn.Module):
         return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(features)))
 
 
+class _Transform(GeneralizedRCNNTransform):
+    """torchvision's detection transform with a resize whose output size eager PyTorch and the
+    exported graph compute identically.
+
+    torchvision's traced resize computes the size in its own float32 arithmetic: 400 px at
+    scale 0.8 came out as 319 rows in ONNX but 320 in eager PyTorch, a different sampling of the
+    whole image (boxes then differed by ~0.5 px). Here both paths run the same float32 ops.
+    """
+
+    def resize(
+        self, image: torch.Tensor, target: dict[str, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        height, width = image.shape[-2:]
+        image = resize_image(image, self.min_size[-1], self.max_size)
+        if target is not None:
+            target["boxes"] = resize_boxes(target["boxes"], (height, width), image.shape[-2:])
+        return image, target
+
+
+def resize_image(image: torch.Tensor, min_size: int, max_size: int) -> torch.Tensor:
+    """Bilinear resize of a [C,H,W] float image: short side ``min_size``, long side at most
+    ``max_size``; the same arithmetic in eager mode and in the exported graph."""
+    if torchvision._is_tracing():
+        shape = torch._shape_as_tensor(image)[-2:].to(torch.float32)
+    else:
+        shape = torch.tensor(image.shape[-2:], dtype=torch.float32)
+    scale = torch.min(min_size / shape.min(), max_size / shape.max())
+    # The small margin keeps exact ratios (400 px * 0.8) from flooring to one pixel less.
+    size = torch.floor(shape * scale + 1e-3).to(torch.int64)
+    out_size = (size[0], size[1]) if torchvision._is_tracing() else (int(size[0]), int(size[1]))
+    return F.interpolate(
+        image[None],
+        size=out_size,  # type: ignore[arg-type]  # traced 0-d tensors during ONNX export
+        mode="bilinear",
+        align_corners=False,
+    )[0]
+
+
 def build_detector(config: DetectorConfig, pretrained: bool = True) -> FCOS:
     """FCOS for ``config.num_classes`` classes; takes float RGB [3,H,W] images in [0, 1].
 
@@ -145,7 +187,7 @@ def build_detector(config: DetectorConfig, pretrained: bool = True) -> FCOS:
     sizes = config.level_sizes
     anchors = AnchorGenerator(tuple((s,) for s in sizes), ((1.0,),) * len(sizes))
     head = FCOSHead(backbone.out_channels, 1, config.num_classes, num_convs=config.head_convs)
-    return FCOS(
+    model = FCOS(
         backbone,
         num_classes=config.num_classes,
         min_size=config.min_size,
@@ -160,6 +202,41 @@ def build_detector(config: DetectorConfig, pretrained: bool = True) -> FCOS:
         detections_per_img=config.detections_per_img,
         topk_candidates=config.topk_candidates,
     )
+    model.transform = _Transform(config.min_size, config.max_size, list(MEAN), list(STD))
+    return model
+
+
+# Objects this small (longer side at the input size, a class's median) need the half-stride
+# anchor sizes: platelets in bccd (~26 px at 320) went from AP@.5 0.30 to 0.79, while cards
+# (~110 px) lost 10 points mAP@.5 with them (models/README.md).
+SMALL_OBJECT_PX = 40.0
+
+
+def config_for(
+    train: Sequence[DetectionSample], num_classes: int, **overrides: Any
+) -> DetectorConfig:
+    """A DetectorConfig whose anchor sizes suit the training boxes.
+
+    When some class's median object is under SMALL_OBJECT_PX at the input size, each level's
+    anchor size is half its stride (4..64): the small objects then get FCOS's finest levels to
+    themselves. Otherwise the torchvision default (the strides) is kept.
+    """
+    config = DetectorConfig(num_classes=num_classes, **overrides)
+    if "anchor_sizes" in overrides:
+        return config
+    sides: dict[int, list[float]] = {}
+    for sample in train:
+        height, width = sample.image.shape[:2]
+        scale = min(config.min_size / min(height, width), config.max_size / max(height, width))
+        longer = np.maximum(
+            sample.boxes[:, 2] - sample.boxes[:, 0], sample.boxes[:, 3] - sample.boxes[:, 1]
+        )
+        for label, side in zip(sample.labels.tolist(), (longer * scale).tolist(), strict=True):
+            sides.setdefault(label, []).append(side)
+    medians = [float(np.median(v)) for v in sides.values()]
+    if medians and min(medians) < SMALL_OBJECT_PX:
+        config.anchor_sizes = tuple(4 * 2**i for i in range(config.levels))
+    return config
 
 
 def load_detector(config: DetectorConfig, state_dict: dict[str, torch.Tensor]) -> FCOS:
@@ -187,7 +264,9 @@ def predict_detections(
                 torch.tensor(image, device=device).permute(2, 0, 1).float() / 255.0
                 for image in images[start : start + batch_size]
             ]
-            with torch.inference_mode(), autocast(device):
+            # float32 even on CUDA: bf16 box regression would cost ~0.4% of a box's size, and
+            # the metrics must describe the float32 graph that is exported.
+            with torch.inference_mode():
                 results = model(batch)
             out.extend(
                 Detections(

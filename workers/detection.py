@@ -184,7 +184,7 @@ def train_detector_run(ctx: WorkerContext, session: Session, project_id: int,
     Raises RunFailed with a reason when the labels cannot train a detector.
     """
     from models.detection_train import TrainConfig, train_detector
-    from models.detector import DetectorConfig
+    from models.detector import DetectorConfig, config_for
 
     items = load_box_labels(session, project_id, classes)
     if not items:
@@ -192,10 +192,12 @@ def train_detector_run(ctx: WorkerContext, session: Session, project_id: int,
     if not any(len(i.labels) for i in items):
         raise RunFailed("degenerate_labels", "no labeled image has a box: nothing to detect")
     train_items, val_items = split_holdout(items)
-    config = DetectorConfig(num_classes=len(classes))
+    sizes = DetectorConfig(num_classes=len(classes))  # the input size the detector works at
     progress(0.05, "loading images")
-    train_items, train = load_samples(ctx, train_items, longest=round(config.max_size * 1.25))
+    train_items, train = load_samples(ctx, train_items, longest=round(sizes.max_size * 1.25))
     val_items, val = load_samples(ctx, val_items, longest=None)
+    # anchor sizes from the labeled boxes: small objects (cells) get the finest FPN levels
+    config = config_for(train, len(classes))
     log.info("detector run: %d training and %d held-out images decoded", len(train), len(val))
     if not any(len(s.labels) for s in train):
         raise RunFailed("degenerate_labels",

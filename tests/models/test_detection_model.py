@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,13 @@ from models.detection_train import (
     train_detector,
 )
 from models.detection_types import DetectionSample
-from models.detector import DetectorConfig, build_detector, load_detector, predict_detections
+from models.detector import (
+    DetectorConfig,
+    build_detector,
+    config_for,
+    load_detector,
+    predict_detections,
+)
 from models.runtime import OnnxDetector
 from tests.models.cards import CARDS, DATASETS
 
@@ -32,9 +39,20 @@ pytestmark = pytest.mark.slow
 BCCD = DATASETS / "bccd"
 BCCD_CLASSES = ("RBC", "WBC", "Platelets")
 CARD_CLASSES = ("ace", "king", "nine", "jack", "queen", "ten")
-# Short CPU run for the quality floor (see models/README.md for longer runs).
+# Short CPU run for the quality floor (models/README.md has 300 s runs). Measured on the shared
+# 2-core box: bccd test mAP@.5 0.78 and 0.80 (mAP@[.5:.95] 0.39 and 0.41) after this 150 s run
+# (about two epochs); one epoch reaches ~0.67, so the floor holds on a slower, busier machine.
 TRAIN_BUDGET_S = 150.0
-MAP50_FLOOR = 0.5
+MAP50_FLOOR = 0.6
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    # The CI box has 2 cores shared with other jobs: one thread is faster there (README).
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def _bccd_split(split: str) -> list[Path]:
@@ -52,7 +70,8 @@ def bccd() -> dict[str, list[DetectionSample]]:
 
 @pytest.fixture(scope="module")
 def trained(bccd: dict[str, list[DetectionSample]]) -> DetectorTrainResult:
-    config = DetectorConfig(num_classes=len(BCCD_CLASSES), min_size=320, max_size=544)
+    config = config_for(bccd["train"], len(BCCD_CLASSES))
+    assert config.min_size == 320 and config.anchor_sizes == (4, 8, 16, 32, 64)  # platelets
     settings = TrainConfig(max_epochs=10, time_budget_s=TRAIN_BUDGET_S, threads=1, seed=0)
     # A third of the validation split keeps the per-epoch validation cheap.
     return train_detector(bccd["train"], bccd["val"][::3], config, "cpu", settings)
@@ -69,13 +88,15 @@ def test_short_training_reaches_map_floor(
     assert trained.best_map50 == max(h.val_map50 or 0.0 for h in trained.history)
     model = load_detector(trained.config, trained.state_dict)
     test = bccd["test"]
-    metrics = detection_metrics(predict_detections(model, [s.image for s in test]), test, BCCD_CLASSES)
+    metrics = detection_metrics(
+        predict_detections(model, [s.image for s in test]), test, BCCD_CLASSES
+    )
     print("bccd test after a short CPU run:", json.dumps(metrics))
     assert metrics["map50"] >= MAP50_FLOOR
     assert 0.0 < metrics["map"] < metrics["map50"]
     assert all(c["ap50"] is not None for c in metrics["per_class"].values())
 
-    val = bccd["val"]
+    val = bccd["val"][::3]
     val_predictions = predict_detections(model, [s.image for s in val])
     thresholds = choose_score_thresholds(val_predictions, val, len(BCCD_CLASSES))
     assert ((thresholds > 0.05) & (thresholds < 1.0)).all()
@@ -126,12 +147,22 @@ def test_onnx_matches_pytorch(
         with torch.inference_mode():
             boxes, scores, labels = (t.numpy() for t in pipeline(torch.from_numpy(image.copy())))
         assert got.boxes.dtype == np.float32 and got.labels.dtype == np.int64
-        # Compare above the in-graph floor (0.05) so no detection sits at the cut.
+        # Compare above the in-graph floor (0.05) so no detection sits at the cut. Near-equal
+        # scores may come out in another order, so pair each reference detection with the
+        # closest unused ONNX one of the same label.
         keep_got, keep_ref = got.scores > 0.1, scores > 0.1
         assert keep_got.sum() == keep_ref.sum() > 0, image.shape
-        np.testing.assert_array_equal(got.labels[keep_got], labels[keep_ref])
-        np.testing.assert_allclose(got.scores[keep_got], scores[keep_ref], atol=1e-3)
-        np.testing.assert_allclose(got.boxes[keep_got], boxes[keep_ref], atol=0.5)
+        got_boxes, got_scores, got_labels = (a[keep_got] for a in got)
+        used = np.zeros(len(got_boxes), dtype=bool)
+        for box, score, label in zip(
+            boxes[keep_ref], scores[keep_ref], labels[keep_ref], strict=True
+        ):
+            distance = np.abs(got_boxes - box).max(axis=1)
+            distance[used | (got_labels != label)] = np.inf
+            j = int(np.argmin(distance))
+            assert distance[j] <= 0.5, (image.shape, box, label)
+            assert abs(got_scores[j] - score) <= 1e-3
+            used[j] = True
         height, width = image.shape[:2]
         assert (got.boxes[:, 2] <= width + 1e-3).all() and (got.boxes[:, 3] <= height + 1e-3).all()
         compared += int(keep_got.sum())
@@ -155,7 +186,7 @@ def test_fcos_loss_is_finite_on_images_without_boxes() -> None:
     empty = {"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0, dtype=torch.int64)}
     losses = model(images, [empty, empty])
     assert losses["classification"] > 0
-    assert all(math.isfinite(float(v)) for v in losses.values())
+    assert all(math.isfinite(float(v.detach())) for v in losses.values())
     sum(losses.values()).backward()
 
 
