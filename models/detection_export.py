@@ -7,8 +7,6 @@ onnxruntime (``models.runtime.OnnxDetector``). Per-class thresholds are applied 
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -17,6 +15,7 @@ from torch import nn
 
 from models.detection_types import BOXES_OUTPUT, IMAGE_INPUT, LABELS_OUTPUT, SCORES_OUTPUT
 from models.detector import DetectorConfig, load_detector
+from models.onnx_export import atomic_file
 
 OPSET = 17
 # The in-graph score floor: low, so the caller's per-class thresholds decide.
@@ -63,37 +62,27 @@ def export_detector_onnx(
     [N], "labels" int64 [N]; height, width and N are dynamic.
     """
     pipeline = build_pipeline(config, state_dict, score_thresh)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # A non-square example that is not a multiple of 32, so no size gets baked in as a constant.
     generator = torch.Generator().manual_seed(0)  # leave the global RNG alone
     example = torch.randint(0, 256, (301, 403, 3), dtype=torch.uint8, generator=generator)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with torch.inference_mode(), warnings.catch_warnings():
-            # dynamo=False: the legacy tracer exports torchvision's detection transform and NMS
-            # with dynamic sizes; its deprecation notice and tracer warnings are expected.
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
-            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-            warnings.filterwarnings("ignore", category=UserWarning)
-            torch.onnx.export(
-                pipeline,
-                (example,),
-                tmp_name,
-                input_names=[IMAGE_INPUT],
-                output_names=[BOXES_OUTPUT, SCORES_OUTPUT, LABELS_OUTPUT],
-                dynamic_axes={
-                    IMAGE_INPUT: {0: "height", 1: "width"},
-                    BOXES_OUTPUT: {0: "detections"},
-                    SCORES_OUTPUT: {0: "detections"},
-                    LABELS_OUTPUT: {0: "detections"},
-                },
-                opset_version=OPSET,
-                dynamo=False,
-            )
-        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; the artifact is not secret
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp_name, torch.inference_mode(), warnings.catch_warnings():
+        # dynamo=False: the legacy tracer exports torchvision's detection transform and NMS
+        # with dynamic sizes; its deprecation notice and tracer warnings are expected.
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=UserWarning)
+        torch.onnx.export(
+            pipeline,
+            (example,),
+            tmp_name,
+            input_names=[IMAGE_INPUT],
+            output_names=[BOXES_OUTPUT, SCORES_OUTPUT, LABELS_OUTPUT],
+            dynamic_axes={
+                IMAGE_INPUT: {0: "height", 1: "width"},
+                BOXES_OUTPUT: {0: "detections"},
+                SCORES_OUTPUT: {0: "detections"},
+                LABELS_OUTPUT: {0: "detections"},
+            },
+            opset_version=OPSET,
+            dynamo=False,
+        )

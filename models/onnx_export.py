@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +22,22 @@ EMBEDDING = "embedding"
 PROBS_OUTPUT = "probs"
 
 
+@contextmanager
+def atomic_file(path: Path) -> Iterator[str]:
+    """A temporary name beside ``path`` that becomes ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield tmp_name
+        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; artifacts are not secret
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
 def export_backbone_onnx(path: Path) -> None:
     """Export EmbeddingModel to ``path``: "image" uint8 [N,224,224,3] -> "embedding" [N,1280]."""
     from models.backbone import EmbeddingModel
@@ -34,31 +51,21 @@ def export_embedding_model(model: Any, path: Path) -> None:
 
     from models.constants import INPUT_SIZE
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     example = torch.zeros((1, INPUT_SIZE, INPUT_SIZE, 3), dtype=torch.uint8)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with torch.inference_mode(), warnings.catch_warnings():
-            # dynamo=False is deliberate (checked to export this graph exactly); silence the
-            # legacy-exporter deprecation notice.
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
-            torch.onnx.export(
-                model,
-                (example,),
-                tmp_name,
-                input_names=[IMAGE_INPUT],
-                output_names=[EMBEDDING],
-                dynamic_axes={IMAGE_INPUT: {0: "batch"}, EMBEDDING: {0: "batch"}},
-                opset_version=OPSET,
-                dynamo=False,
-            )
-        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; the artifact is not secret
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp_name, torch.inference_mode(), warnings.catch_warnings():
+        # dynamo=False is deliberate (checked to export this graph exactly); silence the
+        # legacy-exporter deprecation notice.
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        torch.onnx.export(
+            model,
+            (example,),
+            tmp_name,
+            input_names=[IMAGE_INPUT],
+            output_names=[EMBEDDING],
+            dynamic_axes={IMAGE_INPUT: {0: "batch"}, EMBEDDING: {0: "batch"}},
+            opset_version=OPSET,
+            dynamo=False,
+        )
 
 
 def build_head_onnx(
