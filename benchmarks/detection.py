@@ -70,7 +70,7 @@ from models.detection_eval import choose_score_thresholds, detection_metrics
 from models.detection_export import export_detector_onnx
 from models.detection_train import DetectorTrainResult, TrainConfig, train_detector
 from models.detection_types import Detections, DetectionSample
-from models.detector import DetectorConfig, load_detector, predict_detections
+from models.detector import DetectorConfig, config_for, load_detector, predict_detections
 from models.runtime import OnnxDetector
 from service.db import sessionmaker_for
 from service.settings import Settings
@@ -247,9 +247,9 @@ def boxes_per_class(samples: Sequence[DetectionSample], classes: Sequence[str]) 
 # ---------------------------------------------------------------- step 1: the learning curve
 
 
-def detector_config(ds: Dataset) -> DetectorConfig:
-    """The DetectorConfig defaults of the moment, for this dataset's classes."""
-    return DetectorConfig(num_classes=len(ds.classes))
+def detector_config(ds: Dataset, train: Sequence[DetectionSample]) -> DetectorConfig:
+    """The config the worker would pick: defaults, anchor sizes from these training boxes."""
+    return config_for(train, len(ds.classes))
 
 
 def train_settings(cfg: Config) -> TrainConfig:
@@ -308,7 +308,7 @@ def train_one(ds: Dataset, size: str, cfg: Config) -> tuple[Json, DetectorTrainR
     """Train on one subset, pick thresholds on val, evaluate on test; the figures."""
     train = subset(ds, size, cfg.seed)
     val, test = ds.val.head(cfg.eval_limit), ds.test.head(cfg.eval_limit)
-    config, settings = detector_config(ds), train_settings(cfg)
+    config, settings = detector_config(ds, train.samples), train_settings(cfg)
     load0 = os.getloadavg()
     clock = StepClock()
     log(f"{ds.name} {size}: training on {len(train.samples)} images, {len(val.samples)} val, "
@@ -344,6 +344,7 @@ def train_one(ds: Dataset, size: str, cfg: Config) -> tuple[Json, DetectorTrainR
         "test_mean_precision": ev["test_pr"]["precision"],
         "test_mean_recall": ev["test_pr"]["recall"], "test_mean_f1": ev["test_pr"]["f1"],
         "thresholds": ev["thresholds"], "test_metrics": ev["test"],
+        "anchor_sizes": list(result.config.level_sizes), "min_size": result.config.min_size,
         "history": [asdict(h) for h in result.history],
         "loadavg_before": load0, "loadavg_after": os.getloadavg(),
     }
@@ -532,7 +533,7 @@ def serving_detector(ds: Dataset, cfg: Config, trained: DetectorTrainResult | No
         log(f"latency: no bccd detector from the curve; training one for {budget:.0f}s")
         train = subset(ds, "all", cfg.seed)
         trained = train_detector(train.samples, ds.val.head(cfg.eval_limit).samples,
-                                 detector_config(ds), cfg.device,
+                                 detector_config(ds, train.samples), cfg.device,
                                  TrainConfig(time_budget_s=budget, max_epochs=cfg.max_epochs,
                                              threads=cfg.threads, seed=cfg.seed))
         origin = f"bccd all, trained in-process for {budget:.0f}s for this step"
