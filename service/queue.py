@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
@@ -34,61 +34,49 @@ class JobQueue:
             self._celery = make_celery(self.settings)
         return self._celery
 
+    def _send(self, task: str, args: list[Any], what: str) -> bool:
+        """Send one task; False (logged, left for the reconciler) when the broker is down."""
+        try:
+            self.celery.send_task(task, args=args)
+        except Exception:  # broker down: the job stays in the DB and is re-sent later
+            log.warning("could not enqueue %s; the reconciler will retry", what, exc_info=True)
+            return False
+        return True
+
+    def _send_job(self, sessions: sessionmaker[Session], task: str, table: Any,
+                  job_id: int, what: str) -> bool:
+        """Send a job row's id, then stamp its ``enqueued_at``."""
+        if not self._send(task, [job_id], f"{what} {job_id}"):
+            return False
+        with sessions.begin() as session:
+            session.execute(update(table).where(table.id == job_id).values(enqueued_at=utcnow()))
+        return True
+
     def send_train(self, sessions: sessionmaker[Session], run_id: int) -> bool:
         """Send a run id and stamp ``enqueued_at``; False (run left for the reconciler) on error."""
         from workers.celery_app import TRAIN_TASK
 
-        try:
-            self.celery.send_task(TRAIN_TASK, args=[run_id])
-        except Exception:  # broker down: the run stays QUEUED and is re-sent later
-            log.warning("could not enqueue run %s; the reconciler will retry", run_id,
-                        exc_info=True)
-            return False
-        with sessions.begin() as session:
-            session.execute(
-                update(TrainingRun).where(TrainingRun.id == run_id).values(enqueued_at=utcnow())
-            )
-        return True
+        return self._send_job(sessions, TRAIN_TASK, TrainingRun, run_id, "run")
 
     def send_embed(self, image_ids: Iterable[int]) -> bool:
         """Send embedding jobs in chunks; False when the broker is unreachable."""
         from workers.celery_app import EMBED_TASK
 
         ids = list(image_ids)
-        try:
-            for start in range(0, len(ids), EMBED_CHUNK):
-                self.celery.send_task(EMBED_TASK, args=[ids[start:start + EMBED_CHUNK]])
-        except Exception:
-            log.warning("could not enqueue embeddings; the reconciler will retry", exc_info=True)
-            return False
-        return True
+        return all(self._send(EMBED_TASK, [ids[start:start + EMBED_CHUNK]], "embeddings")
+                   for start in range(0, len(ids), EMBED_CHUNK))
 
     def send_score(self, project_id: int) -> bool:
         """Ask a worker to rescore a project's unlabeled images with its promoted model."""
         from workers.celery_app import SCORE_TASK
 
-        try:
-            self.celery.send_task(SCORE_TASK, args=[project_id])
-        except Exception:
-            log.warning("could not enqueue scoring for project %s", project_id, exc_info=True)
-            return False
-        return True
+        return self._send(SCORE_TASK, [project_id], f"scoring of project {project_id}")
 
     def send_import(self, sessions: sessionmaker[Session], job_id: int) -> bool:
         """Send an import job id and stamp ``enqueued_at``; False (left for the reconciler)."""
         from workers.celery_app import IMPORT_TASK
 
-        try:
-            self.celery.send_task(IMPORT_TASK, args=[job_id])
-        except Exception:
-            log.warning("could not enqueue import %s; the reconciler will retry", job_id,
-                        exc_info=True)
-            return False
-        with sessions.begin() as session:
-            session.execute(
-                update(ImportJob).where(ImportJob.id == job_id).values(enqueued_at=utcnow())
-            )
-        return True
+        return self._send_job(sessions, IMPORT_TASK, ImportJob, job_id, "import")
 
     def ping(self, timeout: float = 2.0) -> None:
         """Raise if the broker cannot be reached."""

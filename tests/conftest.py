@@ -161,6 +161,18 @@ class WorkerProcess:
         self._fh.close()
 
 
+def worker_stack(values: dict[str, Any]) -> Iterator[tuple[Api, WorkerProcess]]:
+    """The app and a real worker process on the same settings; both stopped afterwards."""
+    gen = make_api(values)
+    api = next(gen)
+    worker = WorkerProcess(values)
+    try:
+        yield api, worker
+    finally:
+        worker.stop()
+        gen.close()
+
+
 def flush_redis() -> None:
     import redis
 

@@ -13,7 +13,7 @@ import pytest
 
 from models.detection_eval import detection_metrics
 from models.detection_types import Detections
-from tests.conftest import Api, WorkerProcess, backend_values, make_api
+from tests.conftest import Api, WorkerProcess, backend_values, worker_stack
 from tests.test_api import upload
 from tests.test_detection_api import BCCD, bccd_image, post_boxes, voc_boxes
 from tests.test_end_to_end import wait_run
@@ -40,14 +40,7 @@ def stack(request: pytest.FixtureRequest, tmp_path: Path, cache_dir: Path) -> It
     values = backend_values(request, "embedded", tmp_path, cache_dir,
                             min_labels_per_class_detection=12, detection_train_seconds=150,
                             detection_max_epochs=10, worker_concurrency=1)
-    gen = make_api(values)
-    api = next(gen)
-    worker = WorkerProcess(values)
-    try:
-        yield api, worker
-    finally:
-        worker.stop()
-        gen.close()
+    yield from worker_stack(values)
 
 
 def as_detections(item: dict[str, Any]) -> Detections:

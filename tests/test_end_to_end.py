@@ -19,7 +19,14 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
-from tests.conftest import Api, WorkerProcess, backend_values, make_api, settings_values
+from tests.conftest import (
+    Api,
+    WorkerProcess,
+    backend_values,
+    make_api,
+    settings_values,
+    worker_stack,
+)
 from tests.images import RANKS, card_crops, card_photos
 from tests.test_api import upload
 
@@ -37,14 +44,7 @@ def stack(request: pytest.FixtureRequest, tmp_path: Path, cache_dir: Path) -> It
         tuple[Api, WorkerProcess]]:
     """App + a real worker process: SQLite/filesystem broker or PostgreSQL/Redis."""
     values = backend_values(request, request.param, tmp_path, cache_dir)
-    gen = make_api(values)
-    api = next(gen)
-    worker = WorkerProcess(values)
-    try:
-        yield api, worker
-    finally:
-        worker.stop()
-        gen.close()
+    yield from worker_stack(values)
 
 
 def wait_run(api: Api, pid: int, worker: WorkerProcess, timeout: float = 180) -> dict[str, Any]:
