@@ -1,11 +1,16 @@
-"""Train the FCOS detector: warm-up + cosine schedule over the epoch cap or the time budget,
-validation mAP@.5 after every epoch (or every N steps), early stopping, best weights kept.
+"""Train the FCOS detector in two phases: first the FPN and head on cached features of the frozen
+backbone (``detection_warmup``), then the whole network (but the lowest stages) end to end.
+
+Each phase has a warm-up + cosine schedule over its share of the epoch cap or time budget,
+validation mAP@.5 after every epoch (or every N steps) and early stopping; the best weights of the
+whole run are kept.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -19,6 +24,7 @@ from torch.utils.data import DataLoader
 from models.detection_data import DetectionDataset, collate
 from models.detection_eval import detection_metrics
 from models.detection_types import DetectionSample
+from models.detection_warmup import batches, cache_features, cosine, freeze_backbone, head_loss
 from models.detector import DetectorConfig, autocast, build_detector, predict_detections
 
 logger = logging.getLogger(__name__)
@@ -47,6 +53,11 @@ class TrainConfig:
     eval_every_steps: int | None = None  # None: after every epoch
     threads: int | None = None  # CPU intra-op threads during training (None: leave as is)
     seed: int = 0
+    # Share of the time budget (or of max_epochs) spent training the FPN and head on cached
+    # features of the frozen backbone before fine-tuning (0: fine-tune from the start).
+    head_first: float = 0.4
+    cached_variants: int = 6  # augmented views of each image cached for that phase
+    cache_max_bytes: int = 2 << 30
 
 
 @dataclass
@@ -59,6 +70,7 @@ class EvalRecord:
     val_map50: float | None
     val_map: float | None
     seconds: float  # since the start of training
+    phase: Literal["head", "finetune"] = "finetune"
 
 
 @dataclass
@@ -74,6 +86,9 @@ class DetectorTrainResult:
     best_map50: float | None
     seconds: float
     stop_reason: Literal["max_epochs", "time_budget", "early_stop"]
+    head_epochs: float = 0.0  # passes over the images in the head-first phase (in ``epochs``)
+    head_seconds: float = 0.0  # that phase, feature caching included
+    cached_variants: int = 0
 
 
 @contextmanager
@@ -122,10 +137,75 @@ def _optimizer(model: torch.nn.Module, settings: TrainConfig) -> torch.optim.Opt
     raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {settings.optimizer!r}")
 
 
-def _lr_factor(step: int, fraction: float, warmup_steps: int) -> float:
-    """Linear warm-up over steps, then cosine decay over the run's fraction done."""
-    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
-    return warm * 0.5 * (1.0 + math.cos(math.pi * min(fraction, 1.0)))
+@dataclass
+class _Best:
+    """The best weights so far and how validation went (shared by both phases)."""
+
+    state: dict[str, torch.Tensor] | None = None
+    map50: float | None = None
+    epoch: float = 0.0
+
+    def offer(self, model: torch.nn.Module, map50: float | None, epoch: float) -> bool:
+        """Keep the model's weights if they beat the best; True when they did."""
+        if map50 is not None and self.map50 is not None and map50 <= self.map50:
+            return False
+        self.state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        self.map50, self.epoch = map50, epoch
+        return True
+
+
+@dataclass
+class _Phase:
+    """One phase's limits: epochs, and the moment its time is up (None: no budget)."""
+
+    start: float
+    end: float | None
+    max_epochs: int
+
+    def fraction(self, epochs_done: float) -> float:
+        done = epochs_done / self.max_epochs
+        if self.end is not None:
+            done = max(done, (time.perf_counter() - self.start) / (self.end - self.start))
+        return done
+
+
+class _Validator:
+    """Validation points on ``val`` for both phases, early stopping, the run's best weights."""
+
+    def __init__(self, model: torch.nn.Module, val: Sequence[DetectionSample],
+                 config: DetectorConfig, device: torch.device, start: float,
+                 patience: int) -> None:
+        self.model, self.val, self.device, self.start = model, val, device, start
+        self.class_ids = [str(c) for c in range(config.num_classes)]
+        self.patience = patience
+        self.history: list[EvalRecord] = []
+        self.best = _Best()
+        self.since_best = 0
+        self.seconds = 0.0  # duration of the last validation
+        self.losses: list[float] = []
+
+    def __call__(self, epoch: float, step: int, phase: Literal["head", "finetune"]) -> bool:
+        """Record a validation point; True when the phase should stop early."""
+        began = time.perf_counter()
+        map50 = map_ = None
+        if self.val:
+            predictions = predict_detections(self.model, [s.image for s in self.val],
+                                             self.device)
+            metrics = detection_metrics(predictions, self.val, self.class_ids)
+            map50, map_ = metrics["map50"] or 0.0, metrics["map"] or 0.0
+        self.seconds = time.perf_counter() - began
+        self.history.append(EvalRecord(
+            epoch=round(epoch, 3), step=step,
+            loss=float(np.mean(self.losses)) if self.losses else float("nan"),
+            val_map50=map50, val_map=map_, seconds=round(time.perf_counter() - self.start, 2),
+            phase=phase))
+        self.losses.clear()
+        logger.info("detector %s step %d epoch %.2f: %s", phase, step, epoch, self.history[-1])
+        if self.best.offer(self.model, map50, epoch):
+            self.since_best = 0
+        else:
+            self.since_best += 1
+        return bool(self.val) and self.since_best >= self.patience
 
 
 def train_detector(
@@ -140,110 +220,164 @@ def train_detector(
     """Train an FCOS detector from the pretrained backbone; return the best weights by val mAP@.5.
 
     Images without boxes are negative examples. With an empty ``val`` the last weights are kept.
-    The run ends at ``max_epochs``, when ``time_budget_s`` would be exceeded (the last
-    validation's duration is reserved for the closing one) or after ``patience`` validations
-    without improvement. Raises ``DetectorTrainingCancelled`` when ``should_stop()`` says so.
+    The head-first phase takes ``head_first`` of the budget (time, or ``max_epochs``); each phase
+    ends at its epoch cap, when its time would be exceeded (the last validation's duration is
+    reserved for the closing one) or after ``patience`` validations without improvement.
+    Raises ``DetectorTrainingCancelled`` when ``should_stop()`` says so.
     """
     settings = settings or TrainConfig()
     _check_inputs(train, config, settings)
+    if not 0.0 <= settings.head_first < 1.0:
+        raise ValueError(f"head_first must lie in [0, 1), got {settings.head_first}")
     device = torch.device(device)
     start = time.perf_counter()
     torch.manual_seed(settings.seed)  # model init and the augmentations' random draws
     gen = torch.Generator().manual_seed(settings.seed)
     logger.info("training detector on %s: %d train, %d val images", device, len(train), len(val))
 
+    def poll(step: int) -> None:
+        if step % _POLL_EVERY == 0 and should_stop is not None and should_stop():
+            raise DetectorTrainingCancelled
+
     with _cpu_threads(device, settings.threads):
         model = build_detector(config).to(device)
         data = DetectionDataset(train, config.min_size, config.max_size, augment=True)
-        loader = DataLoader(
-            data,
-            batch_size=settings.batch_size,
-            shuffle=True,
-            collate_fn=collate,
-            generator=gen,
-            drop_last=len(data) > settings.batch_size,
-        )
-        return _run(model, loader, val, config, device, settings, start, progress, should_stop)
+        validator = _Validator(model, val, config, device, start, settings.patience)
+        budget = settings.time_budget_s
+        head_epochs = math.ceil(settings.max_epochs * settings.head_first)
+        head = _Phase(start, start + budget * settings.head_first if budget else None,
+                      head_epochs)
+        warm = (0.0, 0, 0.0)
+        if head_epochs:
+            warm = _head_first(model, data, device, settings, head, validator, progress, poll,
+                               budget)
+        loader = DataLoader(data, batch_size=settings.batch_size, shuffle=True,
+                            collate_fn=collate, generator=gen,
+                            drop_last=len(data) > settings.batch_size)
+        now = time.perf_counter()
+        tune = _Phase(now, start + budget if budget else None,
+                      max(1, settings.max_epochs - head_epochs))
+        epochs, stop_reason = _finetune(model, loader, device, settings, tune, warm[0],
+                                        validator, progress, poll, budget, start)
+    if progress is not None:
+        progress(1.0)
+    best = validator.best
+    assert best.state is not None  # validation ran at least once
+    return DetectorTrainResult(
+        state_dict=best.state,
+        config=config,
+        history=validator.history,
+        device=str(device),
+        epochs=round(warm[0] + epochs, 3),
+        best_epoch=round(best.epoch, 3),
+        best_map50=best.map50,
+        seconds=round(time.perf_counter() - start, 2),
+        stop_reason=stop_reason,
+        head_epochs=round(warm[0], 3),
+        head_seconds=round(warm[2], 2),
+        cached_variants=warm[1],
+    )
 
 
-def _run(
+def _head_first(
     model: torch.nn.Module,
-    loader: DataLoader,
-    val: Sequence[DetectionSample],
-    config: DetectorConfig,
+    data: DetectionDataset,
     device: torch.device,
     settings: TrainConfig,
-    start: float,
+    phase: _Phase,
+    validator: _Validator,
     progress: Callable[[float], None] | None,
-    should_stop: Callable[[], bool] | None,
-) -> DetectorTrainResult:
+    poll: Callable[[int], None],
+    budget: float | None,
+) -> tuple[float, int, float]:
+    """Train the FPN and head on cached backbone features; the best weights are loaded at the
+    end. Returns (passes over the images, cached views per image, seconds)."""
+    restore = freeze_backbone(model)  # type: ignore[arg-type]
+    try:
+        # At most a third of the phase goes to computing features.
+        cache_s = (phase.end - phase.start) / 3 if phase.end is not None else None
+        cache = cache_features(model, data, device, settings.cached_variants,  # type: ignore[arg-type]
+                               cache_s, settings.cache_max_bytes)
+        logger.info("head-first: %d views of %d images cached in %.1f s", cache.variants,
+                    len(data), cache.seconds)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+        rng = random.Random(settings.seed)
+        per_pass = max(1, len(data) // settings.batch_size if len(data) > settings.batch_size
+                       else 1)
+        # Validate every pass, or every 200 images when passes are shorter: a pass here costs
+        # about what validating 43 images does.
+        eval_every = max(per_pass, math.ceil(200 / settings.batch_size))
+        step, evaluated_at, done = 0, -1, False
+        while not done:
+            for views in batches(cache, settings.batch_size, rng):
+                poll(step)
+                factor = cosine(step, phase.fraction(step / per_pass), settings.warmup_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = settings.lr * factor
+                with autocast(device):
+                    loss = head_loss(model, views)  # type: ignore[arg-type]
+                if not torch.isfinite(loss):
+                    raise ValueError("detector training diverged: the loss became NaN or "
+                                     "infinite")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+                optimizer.step()
+                validator.losses.append(float(loss.detach()))
+                step += 1
+                if progress is not None and budget:
+                    progress(min((time.perf_counter() - phase.start) / budget, 0.99))
+                if step % eval_every == 0:
+                    evaluated_at = step
+                    if validator(step / per_pass, step, "head"):
+                        done = True
+                        break
+                over = phase.end is not None and (
+                    time.perf_counter() + validator.seconds >= phase.end)
+                if over or step >= phase.max_epochs * per_pass:
+                    done = True
+                    break
+        if evaluated_at != step:
+            validator(step / per_pass, step, "head")
+        assert validator.best.state is not None
+        model.load_state_dict(validator.best.state)
+    finally:
+        restore()
+    return step / per_pass, cache.variants, time.perf_counter() - phase.start
+
+
+def _finetune(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    settings: TrainConfig,
+    phase: _Phase,
+    offset: float,
+    validator: _Validator,
+    progress: Callable[[float], None] | None,
+    poll: Callable[[int], None],
+    budget: float | None,
+    start: float,
+) -> tuple[float, Literal["max_epochs", "time_budget", "early_stop"]]:
+    """Train end to end from the current weights; returns (epochs run, why it stopped)."""
     optimizer = _optimizer(model, settings)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     use_scaler = device.type == "cuda" and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)  # fp16 only; bf16 needs none
     steps_per_epoch = len(loader)
-    total_steps = settings.max_epochs * steps_per_epoch
-    budget = settings.time_budget_s
+    total_steps = phase.max_epochs * steps_per_epoch
     eval_every = settings.eval_every_steps or steps_per_epoch
-    class_ids = [str(c) for c in range(config.num_classes)]
-
-    history: list[EvalRecord] = []
-    best_state: dict[str, torch.Tensor] | None = None
-    best_map50: float | None = None
-    best_epoch = 0.0
-    since_best = 0
-    eval_seconds = 0.0
-    losses: list[float] = []
-    step = 0
+    validator.since_best = 0
     stop_reason: Literal["max_epochs", "time_budget", "early_stop"] = "max_epochs"
-
-    def fraction() -> float:
-        done = step / total_steps
-        if budget:
-            done = max(done, (time.perf_counter() - start) / budget)
-        return done
-
-    def validate() -> bool:
-        """Record a validation point; True when training should stop early."""
-        nonlocal best_state, best_map50, best_epoch, since_best, eval_seconds
-        began = time.perf_counter()
-        map50 = map_ = None
-        if val:
-            predictions = predict_detections(model, [s.image for s in val], device)
-            metrics = detection_metrics(predictions, val, class_ids)
-            map50, map_ = metrics["map50"] or 0.0, metrics["map"] or 0.0
-        eval_seconds = time.perf_counter() - began
-        epoch = step / steps_per_epoch
-        history.append(
-            EvalRecord(
-                epoch=round(epoch, 3),
-                step=step,
-                loss=float(np.mean(losses)) if losses else float("nan"),
-                val_map50=map50,
-                val_map=map_,
-                seconds=round(time.perf_counter() - start, 2),
-            )
-        )
-        losses.clear()
-        logger.info("detector step %d epoch %.2f: %s", step, epoch, history[-1])
-        improved = map50 is None or best_map50 is None or map50 > best_map50
-        if improved:
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            best_map50, best_epoch, since_best = map50, epoch, 0
-        else:
-            since_best += 1
-        return bool(val) and since_best >= settings.patience
-
     model.train()
-    evaluated_at = 0
-    done = False
+    step, evaluated_at, done = 0, -1, False
     while not done:
         for images, targets in loader:
-            if step % _POLL_EVERY == 0 and should_stop is not None and should_stop():
-                raise DetectorTrainingCancelled
+            poll(step)
             images = [image.to(device, non_blocking=True) for image in images]
             targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-            factor = _lr_factor(step, fraction(), settings.warmup_steps)
+            factor = cosine(step, phase.fraction(step / steps_per_epoch), settings.warmup_steps)
             for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
                 group["lr"] = base * factor
             with autocast(device):
@@ -257,34 +391,23 @@ def _run(
             torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
             scaler.step(optimizer)
             scaler.update()
-            losses.append(float(loss.detach()))
+            validator.losses.append(float(loss.detach()))
             step += 1
             if progress is not None:
-                progress(min(fraction(), 0.99))
+                done_share = ((time.perf_counter() - start) / budget if budget
+                              else step / total_steps)
+                progress(min(done_share, 0.99))
             if step % eval_every == 0 or step == total_steps:
                 evaluated_at = step
-                if validate():
+                if validator(offset + step / steps_per_epoch, step, "finetune"):
                     stop_reason, done = "early_stop", True
                     break
             if step >= total_steps:
                 done = True
                 break
-            if budget and time.perf_counter() - start + eval_seconds >= budget:
+            if phase.end is not None and time.perf_counter() + validator.seconds >= phase.end:
                 stop_reason, done = "time_budget", True
                 break
     if evaluated_at != step:
-        validate()
-    if progress is not None:
-        progress(1.0)
-    assert best_state is not None  # validate() ran at least once
-    return DetectorTrainResult(
-        state_dict=best_state,
-        config=config,
-        history=history,
-        device=str(device),
-        epochs=round(step / steps_per_epoch, 3),
-        best_epoch=round(best_epoch, 3),
-        best_map50=best_map50,
-        seconds=round(time.perf_counter() - start, 2),
-        stop_reason=stop_reason,
-    )
+        validator(offset + step / steps_per_epoch, step, "finetune")
+    return step / steps_per_epoch, stop_reason

@@ -223,6 +223,8 @@ def train_detector_run(ctx: WorkerContext, session: Session, project_id: int,
     run_info = {"device": result.device, "epochs": round(result.epochs, 2),
                 "best_epoch": round(result.best_epoch, 2), "train_seconds":
                 round(result.seconds, 1), "stop_reason": result.stop_reason,
+                "head_epochs": result.head_epochs, "head_seconds": result.head_seconds,
+                "cached_variants": result.cached_variants,
                 "history": history, "detector": result.config.to_dict()}
     if val:
         metrics, thresholds = evaluate(detector, val, classes)
