@@ -244,7 +244,9 @@ def train_detector(
         data = DetectionDataset(train, config.min_size, config.max_size, augment=True)
         validator = _Validator(model, val, config, device, start, settings.patience)
         budget = settings.time_budget_s
-        head_epochs = math.ceil(settings.max_epochs * settings.head_first)
+        # the end-to-end phase keeps at least one epoch of the cap
+        head_epochs = min(math.ceil(settings.max_epochs * settings.head_first),
+                          settings.max_epochs - 1)
         head = _Phase(start, start + budget * settings.head_first if budget else None,
                       head_epochs)
         warm = (0.0, 0, 0.0)
@@ -256,7 +258,7 @@ def train_detector(
                             drop_last=len(data) > settings.batch_size)
         now = time.perf_counter()
         tune = _Phase(now, start + budget if budget else None,
-                      max(1, settings.max_epochs - head_epochs))
+                      settings.max_epochs - head_epochs)
         epochs, stop_reason = _finetune(model, loader, device, settings, tune, warm[0],
                                         validator, progress, poll, budget, start)
     if progress is not None:
