@@ -281,6 +281,12 @@ def train_detector(
     )
 
 
+def _scaler(device: torch.device) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 autocast (GPUs without bf16); a no-op otherwise."""
+    use = device.type == "cuda" and not torch.cuda.is_bf16_supported()
+    return torch.amp.GradScaler("cuda", enabled=use)
+
+
 def _head_first(
     model: torch.nn.Module,
     data: DetectionDataset,
@@ -304,6 +310,7 @@ def _head_first(
                     len(data), cache.seconds)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+        scaler = _scaler(device)
         rng = random.Random(settings.seed)
         per_pass = max(1, len(data) // settings.batch_size if len(data) > settings.batch_size
                        else 1)
@@ -323,9 +330,11 @@ def _head_first(
                     raise ValueError("detector training diverged: the loss became NaN or "
                                      "infinite")
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
-                optimizer.step()
+                scaler.step(optimizer)
+                scaler.update()
                 validator.losses.append(float(loss.detach()))
                 step += 1
                 if progress is not None and budget:
@@ -365,8 +374,7 @@ def _finetune(
     """Train end to end from the current weights; returns (epochs run, why it stopped)."""
     optimizer = _optimizer(model, settings)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
-    use_scaler = device.type == "cuda" and not torch.cuda.is_bf16_supported()
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)  # fp16 only; bf16 needs none
+    scaler = _scaler(device)
     steps_per_epoch = len(loader)
     total_steps = phase.max_epochs * steps_per_epoch
     eval_every = settings.eval_every_steps or steps_per_epoch
