@@ -255,6 +255,8 @@ def test_training_with_negative_images_and_cancellation(
 
     with pytest.raises(DetectorTrainingCancelled):
         train_detector(positives, [], config, "cpu", settings, should_stop=lambda: True)
+    with pytest.raises(DetectorTrainingCancelled):  # in the head-first phase
+        train_detector(positives, [], config, "cpu", two_phase, should_stop=lambda: True)
     with pytest.raises(ValueError, match="nothing to learn"):
         train_detector(negatives, [], config, "cpu", settings)
     with pytest.raises(ValueError, match="0-based"):
