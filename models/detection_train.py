@@ -15,11 +15,12 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+from torchvision.models.detection import FCOS
 
 from models.detection_data import DetectionDataset, collate
 from models.detection_eval import detection_metrics
@@ -249,7 +250,7 @@ def train_detector(
                           settings.max_epochs - 1)
         head = _Phase(start, start + budget * settings.head_first if budget else None,
                       head_epochs)
-        warm = (0.0, 0, 0.0)
+        warm = _HeadOutcome(0.0, 0, 0.0)
         if head_epochs:
             warm = _head_first(model, data, device, settings, head, validator, progress, poll,
                                budget)
@@ -259,7 +260,7 @@ def train_detector(
         now = time.perf_counter()
         tune = _Phase(now, start + budget if budget else None,
                       settings.max_epochs - head_epochs)
-        epochs, stop_reason = _finetune(model, loader, device, settings, tune, warm[0],
+        epochs, stop_reason = _finetune(model, loader, device, settings, tune, warm.epochs,
                                         validator, progress, poll, budget, start)
     if progress is not None:
         progress(1.0)
@@ -270,25 +271,53 @@ def train_detector(
         config=config,
         history=validator.history,
         device=str(device),
-        epochs=round(warm[0] + epochs, 3),
+        epochs=round(warm.epochs + epochs, 3),
         best_epoch=round(best.epoch, 3),
         best_map50=best.map50,
         seconds=round(time.perf_counter() - start, 2),
         stop_reason=stop_reason,
-        head_epochs=round(warm[0], 3),
-        head_seconds=round(warm[2], 2),
-        cached_variants=warm[1],
+        head_epochs=round(warm.epochs, 3),
+        head_seconds=round(warm.seconds, 2),
+        cached_variants=warm.variants,
     )
 
 
-def _scaler(device: torch.device) -> torch.amp.GradScaler:
-    """Loss scaling for fp16 autocast (GPUs without bf16); a no-op otherwise."""
-    use = device.type == "cuda" and not torch.cuda.is_bf16_supported()
-    return torch.amp.GradScaler("cuda", enabled=use)
+class _Stepper:
+    """One optimizer update: the schedule's learning rate, a finite-loss check, the (fp16-scaled
+    on GPUs without bf16) backward pass, gradient clipping; the loss goes to ``losses``."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device,
+                 grad_clip: float, losses: list[float]) -> None:
+        self.optimizer, self.grad_clip, self.losses = optimizer, grad_clip, losses
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        use_scaler = device.type == "cuda" and not torch.cuda.is_bf16_supported()
+        self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)  # bf16 needs none
+
+    def __call__(self, loss: torch.Tensor, lr_factor: float) -> None:
+        if not torch.isfinite(loss):
+            raise ValueError("detector training diverged: the loss became NaN or infinite")
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * lr_factor
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.losses.append(float(loss.detach()))
+
+
+class _HeadOutcome(NamedTuple):
+    """What the head-first phase did."""
+
+    epochs: float  # passes over the images
+    variants: int  # cached views per image
+    seconds: float
 
 
 def _head_first(
-    model: torch.nn.Module,
+    model: FCOS,
     data: DetectionDataset,
     device: torch.device,
     settings: TrainConfig,
@@ -297,20 +326,20 @@ def _head_first(
     progress: Callable[[float], None] | None,
     poll: Callable[[int], None],
     budget: float | None,
-) -> tuple[float, int, float]:
+) -> _HeadOutcome:
     """Train the FPN and head on cached backbone features; the best weights are loaded at the
-    end. Returns (passes over the images, cached views per image, seconds)."""
-    restore = freeze_backbone(model)  # type: ignore[arg-type]
+    end."""
+    restore = freeze_backbone(model)
     try:
         # At most a third of the phase goes to computing features.
         cache_s = (phase.end - phase.start) / 3 if phase.end is not None else None
-        cache = cache_features(model, data, device, settings.cached_variants,  # type: ignore[arg-type]
-                               cache_s, settings.cache_max_bytes)
+        cache = cache_features(model, data, device, settings.cached_variants, cache_s,
+                               settings.cache_max_bytes)
         logger.info("head-first: %d views of %d images cached in %.1f s", cache.variants,
                     len(data), cache.seconds)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-        scaler = _scaler(device)
+        update = _Stepper(optimizer, device, settings.grad_clip, validator.losses)
         rng = random.Random(settings.seed)
         per_pass = max(1, len(data) // settings.batch_size if len(data) > settings.batch_size
                        else 1)
@@ -321,21 +350,9 @@ def _head_first(
         while not done:
             for views in batches(cache, settings.batch_size, rng):
                 poll(step)
-                factor = cosine(step, phase.fraction(step / per_pass), settings.warmup_steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = settings.lr * factor
                 with autocast(device):
-                    loss = head_loss(model, views)  # type: ignore[arg-type]
-                if not torch.isfinite(loss):
-                    raise ValueError("detector training diverged: the loss became NaN or "
-                                     "infinite")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                validator.losses.append(float(loss.detach()))
+                    loss = head_loss(model, views)
+                update(loss, cosine(step, phase.fraction(step / per_pass), settings.warmup_steps))
                 step += 1
                 if progress is not None and budget:
                     progress(min((time.perf_counter() - phase.start) / budget, 0.99))
@@ -355,7 +372,7 @@ def _head_first(
         model.load_state_dict(validator.best.state)
     finally:
         restore()
-    return step / per_pass, cache.variants, time.perf_counter() - phase.start
+    return _HeadOutcome(step / per_pass, cache.variants, time.perf_counter() - phase.start)
 
 
 def _finetune(
@@ -372,9 +389,7 @@ def _finetune(
     start: float,
 ) -> tuple[float, Literal["max_epochs", "time_budget", "early_stop"]]:
     """Train end to end from the current weights; returns (epochs run, why it stopped)."""
-    optimizer = _optimizer(model, settings)
-    base_lrs = [group["lr"] for group in optimizer.param_groups]
-    scaler = _scaler(device)
+    update = _Stepper(_optimizer(model, settings), device, settings.grad_clip, validator.losses)
     steps_per_epoch = len(loader)
     total_steps = phase.max_epochs * steps_per_epoch
     eval_every = settings.eval_every_steps or steps_per_epoch
@@ -387,21 +402,11 @@ def _finetune(
             poll(step)
             images = [image.to(device, non_blocking=True) for image in images]
             targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-            factor = cosine(step, phase.fraction(step / steps_per_epoch), settings.warmup_steps)
-            for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
-                group["lr"] = base * factor
             with autocast(device):
                 loss_parts = model(images, targets)
             loss = sum(part.float() for part in loss_parts.values())
-            if not torch.isfinite(loss):
-                raise ValueError("detector training diverged: the loss became NaN or infinite")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            validator.losses.append(float(loss.detach()))
+            update(loss,  # type: ignore[arg-type]  # sum() of tensors is a tensor
+                   cosine(step, phase.fraction(step / steps_per_epoch), settings.warmup_steps))
             step += 1
             if progress is not None:
                 done_share = ((time.perf_counter() - start) / budget if budget

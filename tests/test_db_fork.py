@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 
 from service.db import make_engine
 
 
-def _backend_pid(engine) -> int:  # type: ignore[no-untyped-def]
+def _backend_pid(engine: Engine) -> int:
     with engine.connect() as conn:
         return int(conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
 
