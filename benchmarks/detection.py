@@ -65,6 +65,12 @@ from benchmarks.core_loop import (
     worker_ctx,
 )
 from models.backbone import backbone_id
+from models.box_classifier import (
+    BoxClassifier,
+    crop_stage_reserve,
+    fit_box_classifier,
+    rescore_detections,
+)
 from models.detection_data import load_voc_samples
 from models.detection_eval import choose_score_thresholds, detection_metrics
 from models.detection_export import export_detector_onnx
@@ -253,8 +259,10 @@ def detector_config(ds: Dataset, train: Sequence[DetectionSample]) -> DetectorCo
 
 
 def train_settings(cfg: Config) -> TrainConfig:
-    """TrainConfig defaults except the budget, the epoch cap, threads and the seed."""
-    return TrainConfig(time_budget_s=cfg.budget_s, max_epochs=cfg.max_epochs,
+    """TrainConfig defaults except the budget (less the crop stage's share, as in the worker),
+    the epoch cap, threads and the seed."""
+    return TrainConfig(time_budget_s=cfg.budget_s - crop_stage_reserve(cfg.budget_s),
+                       max_epochs=cfg.max_epochs,
                        threads=cfg.threads, seed=cfg.seed)
 
 
@@ -321,7 +329,18 @@ def train_one(ds: Dataset, size: str, cfg: Config) -> tuple[Json, DetectorTrainR
     model = load_detector(result.config, result.state_dict).to(cfg.device)
     val_preds, _ = timed_predict(model, val.samples, cfg.device)
     test_preds, test_s = timed_predict(model, test.samples, cfg.device)
-    ev = evaluate_predictions(val_preds, test_preds, ds, val, test)
+    detector_ev = evaluate_predictions(val_preds, test_preds, ds, val, test)
+    # the crop stage, decided on val as in the worker
+    crops = fit_box_classifier(train.samples, val.samples, val_preds, len(ds.classes),
+                               cfg.device)
+    ev = detector_ev
+    if crops.classifier is not None:
+        start = time.perf_counter()
+        test_preds = rescore_detections(test.samples, test_preds, crops.classifier, cfg.device)
+        test_s += time.perf_counter() - start
+        val_preds = rescore_detections(val.samples, val_preds, crops.classifier, cfg.device)
+        ev = evaluate_predictions(val_preds, test_preds, ds, val, test)
+    served_ms = onnx_latency(result, crops.classifier, test.samples[:LATENCY_IMAGES])
     finetune_steps = round((result.epochs - result.head_epochs) * steps_per_epoch)
     steps = clock.step_seconds(steps_per_epoch, finetune_steps)
     median_step = float(np.median(steps)) if steps else None
@@ -331,7 +350,10 @@ def train_one(ds: Dataset, size: str, cfg: Config) -> tuple[Json, DetectorTrainR
         "train_images": len(train.samples), "train_boxes": boxes_per_class(train.samples,
                                                                             ds.classes),
         "val_images": len(val.samples), "test_images": len(test.samples),
-        "device": result.device, "train_s": result.seconds, "epochs": result.epochs,
+        "device": result.device, "train_s": result.seconds + crops.seconds,
+        "detector_train_s": result.seconds, "epochs": result.epochs,
+        "crop_stage": crops.summary(), "detector_map50": detector_ev["test"]["map50"],
+        "onnx_ms": served_ms,
         "head_epochs": result.head_epochs, "head_s": result.head_seconds,
         "cached_variants": result.cached_variants,
         "best_epoch": result.best_epoch, "stop_reason": result.stop_reason,
@@ -358,6 +380,31 @@ def train_one(ds: Dataset, size: str, cfg: Config) -> tuple[Json, DetectorTrainR
     log(f"{ds.name} {size}: test mAP@.5 {fmt(out['map50'])}, mAP {fmt(out['map'])}, "
         f"{result.epochs:.1f} epochs in {result.seconds:.0f}s ({result.stop_reason})")
     return out, result
+
+
+LATENCY_IMAGES = 20  # test images timed through the exported graphs of each curve row
+
+
+def onnx_latency(result: DetectorTrainResult, classifier: BoxClassifier | None,
+                 samples: Sequence[DetectionSample]) -> Json:
+    """onnxruntime ms per test image (one image per call, 2 threads, a warm-up call first)
+    of the exported detector, and of the graph with the crop stage when it is used."""
+    graphs = {"detector": None, "with_crop_stage": classifier} if classifier else {
+        "detector": None}
+    out: Json = {}
+    with tempfile.TemporaryDirectory(prefix="prelabel-bench-") as tmp:
+        for name, stage in graphs.items():
+            path = Path(tmp) / f"{name}.onnx"
+            export_detector_onnx(result.config, result.state_dict, path, box_classifier=stage)
+            runtime = OnnxDetector(path, threads=2)
+            runtime.predict(samples[0].image)
+            times = []
+            for s in samples:
+                start = time.perf_counter()
+                runtime.predict(s.image)
+                times.append((time.perf_counter() - start) * 1000)
+            out[name] = stats_ms(times)
+    return out
 
 
 def fmt(v: float | None, digits: int = 3) -> str:
@@ -766,8 +813,10 @@ def curve_rows(rows: Sequence[Json]) -> list[str]:
     """The accuracy table as Markdown lines."""
     out = ["| dataset | model | labeled train images | test mAP@.5 | test mAP@[.5:.95] | "
            "val mAP@.5 | mean P / R at val thresholds | train s | epochs (stop) | "
-           "head-first epochs in s (views) | s/epoch incl. val | train img/s |",
-           "|---|---|---:|---:|---:|---:|---|---:|---|---|---:|---:|"]
+           "head-first epochs in s (views) | s/epoch incl. val | train img/s | "
+           "crop stage: test mAP@.5 without, val without / with, used; ONNX p50 ms "
+           "(detector / with stage) |",
+           "|---|---|---:|---:|---:|---:|---|---:|---|---|---:|---:|---|"]
     for r in rows:
         pr = f"{fmt(r['test_mean_precision'], 2)} / {fmt(r['test_mean_recall'], 2)}"
         ips = r.get("train_images_per_s")
@@ -777,8 +826,20 @@ def curve_rows(rows: Sequence[Json]) -> list[str]:
             f"| {r['dataset']} | {r['model']} | {r['train_images']} ({r['size']}) | "
             f"{fmt(r['map50'])} | {fmt(r['map'])} | {fmt(r['val_map50'])} | {pr} | "
             f"{r['train_s']:.0f} | {r['epochs']:.1f} ({r['stop_reason']}) | {head} | "
-            f"{fmt(r['wall_s_per_epoch_incl_val'], 1)} | {fmt(ips, 2)} |")
+            f"{fmt(r['wall_s_per_epoch_incl_val'], 1)} | {fmt(ips, 2)} | {crop_cell(r)} |")
     return out
+
+
+def crop_cell(r: Json) -> str:
+    """The crop stage's figures of one curve row (n/a for the peer)."""
+    c = r.get("crop_stage")
+    if not c:
+        return "n/a"
+    used = f"yes ({c['seconds']:.0f}s)" if c["used"] else "no"
+    ms = r.get("onnx_ms", {})
+    speed = " / ".join(f"{v['p50']:.0f}" for v in ms.values())
+    return (f"{fmt(r['detector_map50'])}, {fmt(c['val_map50_detector'])} / "
+            f"{fmt(c['val_map50_rescored'])}, {used}; ONNX p50 ms {speed}")
 
 
 def latency_rows(lat: Json) -> list[str]:
@@ -933,14 +994,20 @@ def default_notes(cfg: Config) -> list[str]:
         "= train.txt (205), val = val.txt (87); cards pool = train/ minus every 7th image "
         "(253), val = every 7th (43).",
         "FCOS runs: train_detector with the TrainConfig defaults except time_budget_s = "
-        "--budget, max_epochs (high, so the budget or early stopping on validation mAP@.5, "
+        "--budget less the crop stage's reserve (15%, at most 120 s, as in the worker), "
+        "max_epochs (high, so the budget or early stopping on validation mAP@.5, "
         "patience 5 evaluations, ends each phase), threads and seed; the best weights by "
         "validation mAP@.5 are evaluated. The first head_first share of the budget trains "
         "the FPN and head on cached backbone features of augmented views of each image "
         "(head-first epochs = passes over the images, feature caching included in its "
         "seconds); the rest fine-tunes end to end. 'epochs' counts both phases. 'train s' "
-        "includes the validations; 'train img/s' is batch size / median end-to-end step time "
-        "(validation excluded).",
+        "includes the validations and the crop stage; 'train img/s' is batch size / median "
+        "end-to-end step time (validation excluded).",
+        "Crop stage (models.box_classifier): a linear head on frozen-backbone embeddings of "
+        "crops of the labeled boxes re-classifies the detector's best boxes; it is trained "
+        "after the detector and used only when it lifts validation mAP@.5 (as in the worker). "
+        "'test mAP@.5' is the served model's (with the stage when used); the last column "
+        "gives the detector alone on test, and validation without / with the stage.",
         f"Training threads: {cfg.threads or 'torch default'} (the worker trains detectors "
         "with 1 intra-op thread on the CPU; the peer gets the same thread count); the curve's "
         "evaluation predictions use the same count.",

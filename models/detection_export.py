@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from models.box_classifier import BoxClassifier, RescoredPipeline
 from models.detection_types import BOXES_OUTPUT, IMAGE_INPUT, LABELS_OUTPUT, SCORES_OUTPUT
 from models.detector import DetectorConfig, load_detector
 from models.onnx_export import atomic_file
@@ -43,11 +44,14 @@ def build_pipeline(
     config: DetectorConfig,
     state_dict: dict[str, torch.Tensor],
     score_thresh: float = EXPORT_SCORE_THRESHOLD,
-) -> DetectorPipeline:
-    """The export pipeline (eval, CPU) for trained weights, with the in-graph score floor."""
+    box_classifier: BoxClassifier | None = None,
+) -> nn.Module:
+    """The export pipeline (eval, CPU) for trained weights, with the in-graph score floor;
+    with ``box_classifier`` the detector's boxes are re-classified from crops inside it."""
     detector = load_detector(config, state_dict)
     detector.score_thresh = score_thresh
-    return DetectorPipeline(detector).eval()
+    pipeline = DetectorPipeline(detector).eval()
+    return pipeline if box_classifier is None else RescoredPipeline(pipeline, box_classifier)
 
 
 def export_detector_onnx(
@@ -55,13 +59,15 @@ def export_detector_onnx(
     state_dict: dict[str, torch.Tensor],
     path: Path,
     score_thresh: float = EXPORT_SCORE_THRESHOLD,
+    box_classifier: BoxClassifier | None = None,
 ) -> None:
     """Write the detector pipeline as ONNX (opset 17) to ``path``, atomically.
 
     Input "image" uint8 [height, width, 3]; outputs "boxes" float32 [N,4], "scores" float32
-    [N], "labels" int64 [N]; height, width and N are dynamic.
+    [N], "labels" int64 [N]; height, width and N are dynamic. A ``box_classifier`` (the crop
+    stage) becomes part of the same graph.
     """
-    pipeline = build_pipeline(config, state_dict, score_thresh)
+    pipeline = build_pipeline(config, state_dict, score_thresh, box_classifier)
     # A non-square example that is not a multiple of 32, so no size gets baked in as a constant.
     generator = torch.Generator().manual_seed(0)  # leave the global RNG alone
     example = torch.randint(0, 256, (301, 403, 3), dtype=torch.uint8, generator=generator)

@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     requeue_after_seconds: int = 60  # re-send QUEUED runs / unembedded images older than this
     detection_train_seconds: float = 900  # time budget of one detector training run
     detection_max_epochs: int = 40
+    # re-classify detected boxes from crops when that wins on the held-out images (costs up to
+    # ~10 ms per box at serving; models/box_classifier.py)
+    detection_crop_stage: bool = True
     finetune: bool = True  # try fine-tuning the top of the backbone once classes have many labels
 
     # dataset import/export (archives are checked before anything is extracted)

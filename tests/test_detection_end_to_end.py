@@ -80,6 +80,8 @@ def test_detection_core_loop(stack: tuple[Api, WorkerProcess]) -> None:
     assert metrics["n_images"] > 0 and metrics["map50"] is not None
     assert set(metrics["per_class"]) == set(CLASSES)
     assert metrics["training"]["device"] == "cpu" and metrics["training"]["history"]
+    crop = metrics["training"]["box_classifier"]  # the crop stage decided on the held-out images
+    assert isinstance(crop["used"], bool) and "validation mAP@.5" in crop["reason"]
 
     # the worker precomputed suggestions for every unlabeled image; none is "served" yet
     stats = api.get(f"/api/v1/projects/{pid}/stats").json()

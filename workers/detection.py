@@ -165,14 +165,32 @@ def compare_detectors(ctx: WorkerContext, current: ModelVersion | None, new: Onn
     return False, "kept unpromoted, worse: " + verdict
 
 
-def export_bytes(config: Any, state_dict: dict[str, Any]) -> bytes:
-    """The trained detector as an ONNX pipeline (image in, boxes in its pixels out)."""
+def export_bytes(config: Any, state_dict: dict[str, Any], box_classifier: Any = None) -> bytes:
+    """The trained detector (with its crop classifier, if any) as an ONNX pipeline: image in,
+    boxes in its pixels out."""
     from models.detection_export import export_detector_onnx
 
     with tempfile.TemporaryDirectory(prefix="prelabel-det-") as tmp:
         path = Path(tmp) / "detector.onnx"
-        export_detector_onnx(config, state_dict, path)
+        export_detector_onnx(config, state_dict, path, box_classifier=box_classifier)
         return path.read_bytes()
+
+
+def fit_crop_stage(ctx: WorkerContext, result: Any, train: Sequence[DetectionSample],
+                   val: Sequence[DetectionSample], num_classes: int, device: Any,
+                   should_stop: Callable[[], bool]) -> Any:
+    """Train the crop re-classifier and keep it if it lifts held-out mAP@.5
+    (``models.box_classifier``); its decision and figures go into the run record."""
+    from models.box_classifier import BoxClassifierFit, fit_box_classifier
+    from models.detector import load_detector, predict_detections
+
+    if not ctx.settings.detection_crop_stage:
+        return BoxClassifierFit(None, "turned off (detection_crop_stage)")
+
+    model = load_detector(result.config, result.state_dict).to(device)
+    val_dets = predict_detections(model, [s.image for s in val], device)
+    return fit_box_classifier(train, val, val_dets, num_classes, device,
+                              should_stop=should_stop)
 
 
 def train_detector_run(ctx: WorkerContext, session: Session, project_id: int,
@@ -183,6 +201,7 @@ def train_detector_run(ctx: WorkerContext, session: Session, project_id: int,
 
     Raises RunFailed with a reason when the labels cannot train a detector.
     """
+    from models.box_classifier import crop_stage_reserve
     from models.detection_train import TrainConfig, train_detector
     from models.detector import DetectorConfig, config_for
 
@@ -205,7 +224,10 @@ def train_detector_run(ctx: WorkerContext, session: Session, project_id: int,
     # One intra-op thread on the CPU: in a forked pool process a second OpenMP thread made
     # training ~3x slower whenever the other core was busy (measured: 1.9 vs 6.3 epochs in the
     # same 150 s), and a busy second core is the normal case (API, other worker slot).
-    settings = TrainConfig(time_budget_s=ctx.settings.detection_train_seconds,
+    budget = ctx.settings.detection_train_seconds
+    if ctx.settings.detection_crop_stage:
+        budget -= crop_stage_reserve(budget)  # the whole run stays within the setting
+    settings = TrainConfig(time_budget_s=budget,
                            max_epochs=ctx.settings.detection_max_epochs, threads=1)
     try:
         result = train_detector(train, val, config, device, settings,
@@ -215,8 +237,10 @@ def train_detector_run(ctx: WorkerContext, session: Session, project_id: int,
         raise RunFailed("degenerate_labels", str(exc)) from exc
     log.info("detector trained on %s: %.1f epochs in %.0f s (%s), best mAP@.5 %s",
              result.device, result.epochs, result.seconds, result.stop_reason, result.best_map50)
-    progress(0.82, "exporting")
-    onnx = export_bytes(result.config, result.state_dict)
+    progress(0.80, "crop classifier")
+    crops = fit_crop_stage(ctx, result, train, val, len(classes), device, should_stop)
+    progress(0.84, "exporting")
+    onnx = export_bytes(result.config, result.state_dict, crops.classifier)
     detector = OnnxDetector(onnx, threads=ctx.onnx_threads())
     progress(0.88, "validating")
     history = [vars(h) for h in result.history]
@@ -225,6 +249,7 @@ def train_detector_run(ctx: WorkerContext, session: Session, project_id: int,
                 round(result.seconds, 1), "stop_reason": result.stop_reason,
                 "head_epochs": result.head_epochs, "head_seconds": result.head_seconds,
                 "cached_variants": result.cached_variants,
+                "box_classifier": crops.summary(),
                 "history": history, "detector": result.config.to_dict()}
     if val:
         metrics, thresholds = evaluate(detector, val, classes)
