@@ -77,8 +77,8 @@ def load_backbone() -> nn.Module:
     return model.eval()
 
 
-class Preprocess(nn.Module):
-    """uint8 RGB NHWC [N,224,224,3] -> ImageNet-normalized float NCHW."""
+class Normalize(nn.Module):
+    """Float RGB NCHW in [0, 255] -> ImageNet-normalized."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -88,8 +88,14 @@ class Preprocess(nn.Module):
         self.register_buffer("inv_std", 1.0 / std, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.permute(0, 3, 1, 2).to(torch.float32)
         return (x - self.mean) * self.inv_std
+
+
+class Preprocess(Normalize):
+    """uint8 RGB NHWC [N,224,224,3] -> ImageNet-normalized float NCHW."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 3, 1, 2).to(torch.float32))
 
 
 class EmbeddingModel(nn.Module):

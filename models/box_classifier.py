@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_iou, nms, roi_align
 
-from models.backbone import load_backbone
-from models.constants import INPUT_SIZE, MEAN, STD
+from models.backbone import Normalize, load_backbone
+from models.constants import INPUT_SIZE
 from models.detection_eval import detection_metrics
 from models.detection_train import DetectorTrainingCancelled
 from models.detection_types import Detections, DetectionSample
@@ -102,20 +102,6 @@ class BoxClassifierFit:
                 "training_views": self.training_views, "seconds": round(self.seconds, 1)}
 
 
-class _Normalize(nn.Module):
-    """Float RGB in [0, 255], NCHW -> ImageNet-normalized."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        mean = torch.tensor(MEAN, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-        std = torch.tensor(STD, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-        self.register_buffer("mean", mean, persistent=False)
-        self.register_buffer("inv_std", 1.0 / std, persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) * self.inv_std
-
-
 def crop_boxes(image: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     """Crops [K,3,224,224] (float, 0-255) of xyxy ``boxes`` [K,4] from a float [3,H,W] image.
 
@@ -151,7 +137,7 @@ class CropClassifier(nn.Module):
         super().__init__()
         if head.activation != "softmax":
             raise ValueError("the crop head must be a softmax (multiclass) head")
-        self.normalize = _Normalize()
+        self.normalize = Normalize()
         self.backbone = (backbone if backbone is not None else load_backbone()).eval()
         self.register_buffer("weight", torch.as_tensor(head.weight, dtype=torch.float32))
         self.register_buffer("bias", torch.as_tensor(head.bias, dtype=torch.float32))
@@ -257,7 +243,7 @@ def _training_views(samples: Sequence[DetectionSample], config: BoxClassifierCon
 def _embed_views(samples: Sequence[DetectionSample], views: Sequence[tuple[int, np.ndarray, int]],
                  classifier_backbone: nn.Module, device: torch.device,
                  should_stop: Callable[[], bool] | None, batch_size: int = 32) -> np.ndarray:
-    normalize = _Normalize().to(device)
+    normalize = Normalize().to(device)
     out = []
     by_image: dict[int, list[int]] = {}
     for k, (i, _, _) in enumerate(views):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from models.backbone import EmbeddingModel
@@ -92,3 +93,13 @@ def cards(backbone_onnx: OnnxModel) -> CardData:
 @pytest.fixture(scope="session")
 def torch_embedder() -> EmbeddingModel:
     return EmbeddingModel().eval()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread for a module's training tests (restored afterwards): the CI box has
+    2 cores shared with other jobs, where one thread is faster (README)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

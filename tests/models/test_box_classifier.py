@@ -5,7 +5,6 @@ test_detection_model.py."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -26,14 +25,7 @@ from models.heads import HeadParams
 from tests.models.cards import CARDS
 
 CARD_CLASSES = ("ace", "king", "nine", "jack", "queen", "ten")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
