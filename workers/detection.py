@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image as PILImage
@@ -27,6 +27,10 @@ from service.tables import Annotation, Image, ModelVersion, Suggestion
 from workers.context import WorkerContext
 from workers.evaluation import hash_fraction
 from workers.labeled import RunFailed
+
+if TYPE_CHECKING:  # torch stays out of this module's import
+    from models.box_classifier import BoxClassifier, BoxClassifierFit
+    from models.detection_train import DetectorTrainResult
 
 log = logging.getLogger(__name__)
 HOLDOUT_FRACTION = 0.2  # of labeled images, by sha256: an image keeps its side across runs
@@ -165,7 +169,8 @@ def compare_detectors(ctx: WorkerContext, current: ModelVersion | None, new: Onn
     return False, "kept unpromoted, worse: " + verdict
 
 
-def export_bytes(config: Any, state_dict: dict[str, Any], box_classifier: Any = None) -> bytes:
+def export_bytes(config: Any, state_dict: dict[str, Any],
+                 box_classifier: BoxClassifier | None = None) -> bytes:
     """The trained detector (with its crop classifier, if any) as an ONNX pipeline: image in,
     boxes in its pixels out."""
     from models.detection_export import export_detector_onnx
@@ -176,9 +181,10 @@ def export_bytes(config: Any, state_dict: dict[str, Any], box_classifier: Any = 
         return path.read_bytes()
 
 
-def fit_crop_stage(ctx: WorkerContext, result: Any, train: Sequence[DetectionSample],
-                   val: Sequence[DetectionSample], num_classes: int, device: Any,
-                   should_stop: Callable[[], bool]) -> Any:
+def fit_crop_stage(ctx: WorkerContext, result: DetectorTrainResult,
+                   train: Sequence[DetectionSample], val: Sequence[DetectionSample],
+                   num_classes: int, device: Any,
+                   should_stop: Callable[[], bool]) -> BoxClassifierFit:
     """Train the crop re-classifier and keep it if it lifts held-out mAP@.5
     (``models.box_classifier``); its decision and figures go into the run record."""
     from models.box_classifier import BoxClassifierFit, fit_box_classifier
@@ -189,8 +195,12 @@ def fit_crop_stage(ctx: WorkerContext, result: Any, train: Sequence[DetectionSam
 
     model = load_detector(result.config, result.state_dict).to(device)
     val_dets = predict_detections(model, [s.image for s in val], device)
-    return fit_box_classifier(train, val, val_dets, num_classes, device,
-                              should_stop=should_stop)
+    try:
+        return fit_box_classifier(train, val, val_dets, num_classes, device,
+                                  should_stop=should_stop)
+    except ValueError as exc:  # e.g. the head diverged: the detector alone still serves
+        log.warning("crop stage not trained: %s", exc)
+        return BoxClassifierFit(None, f"not trained: {exc}")
 
 
 def train_detector_run(ctx: WorkerContext, session: Session, project_id: int,
