@@ -389,8 +389,9 @@ def onnx_latency(result: DetectorTrainResult, classifier: BoxClassifier | None,
                  samples: Sequence[DetectionSample]) -> Json:
     """onnxruntime ms per test image (one image per call, 2 threads, a warm-up call first)
     of the exported detector, and of the graph with the crop stage when it is used."""
-    graphs = {"detector": None, "with_crop_stage": classifier} if classifier else {
-        "detector": None}
+    graphs: dict[str, BoxClassifier | None] = {"detector": None}
+    if classifier is not None:
+        graphs["with_crop_stage"] = classifier
     out: Json = {}
     with tempfile.TemporaryDirectory(prefix="prelabel-bench-") as tmp:
         for name, stage in graphs.items():
