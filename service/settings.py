@@ -46,6 +46,7 @@ class Settings(BaseSettings):
     # re-classify detected boxes from crops when that wins on the held-out images (costs up to
     # ~10 ms per box at serving; models/box_classifier.py)
     detection_crop_stage: bool = True
+    detection_crop_min_gain: float = 0.02  # held-out mAP@.5 gain the crop stage must show
     finetune: bool = True  # try fine-tuning the top of the backbone once classes have many labels
 
     # dataset import/export (archives are checked before anything is extracted)
