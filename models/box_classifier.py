@@ -150,11 +150,20 @@ class CropClassifier(nn.Module):
                            @ self.weight.T + self.bias, dim=1) for t in self.turns]
         return torch.stack(probs).mean(0)
 
+    def classify_boxes(self, image: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """Class probabilities [K,C] of xyxy ``boxes`` [K,4] in a float [3,H,W] image."""
+        return self(crop_boxes(image, boxes))
+
+
+# (float [3,H,W] image in 0-255, xyxy boxes [K,4]) -> class probabilities [K,C]
+BoxProbabilities = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
 
 def rescore(image: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor,
-            labels: torch.Tensor, classifier: CropClassifier, config: BoxClassifierConfig
+            labels: torch.Tensor, classify: BoxProbabilities, config: BoxClassifierConfig
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Detector output -> (boxes, scores, labels) with the crop head's classes.
+    """Detector output -> (boxes, scores, labels) with the classes ``classify`` gives
+    (:meth:`CropClassifier.classify_boxes`; the crop benchmark also passes an oracle).
 
     ``image`` is float [3,H,W] in 0-255, the frame the boxes are in. The best-scored boxes
     (class-agnostic NMS, at most ``max_boxes``, at least ``min_box_score``) are re-classified:
@@ -170,7 +179,7 @@ def rescore(image: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor,
     # has a column; its rows are dropped.
     outside = torch.tensor([[-10.0, -10.0, -9.0, -9.0]], dtype=boxes.dtype, device=boxes.device)
     padded = torch.cat([chosen, outside])
-    probs = classifier(crop_boxes(image, padded))[:-1]
+    probs = classify(image, padded)[:-1]
     combined = (chosen_scores[:, None] * probs).reshape(-1)
     num_classes = probs.shape[1]
     order = torch.argsort(combined, descending=True)[: config.max_detections]
@@ -200,7 +209,8 @@ class RescoredPipeline(nn.Module):
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         boxes, scores, labels = self.detector_pipeline(image)
         pixels = image.permute(2, 0, 1).to(torch.float32)
-        return rescore(pixels, boxes, scores, labels, self.crop_classifier, self.config)
+        return rescore(pixels, boxes, scores, labels, self.crop_classifier.classify_boxes,
+                       self.config)
 
 
 # ---------------------------------------------------------------- training
@@ -300,6 +310,15 @@ def rescore_detections(samples: Sequence[DetectionSample], detections: Sequence[
     crop_classifier = CropClassifier(classifier.head, classifier.config.tta_quarter_turns,
                                      backbone)
     crop_classifier.to(device).eval()
+    return rescore_all(samples, detections, crop_classifier.classify_boxes, classifier.config,
+                       device)
+
+
+def rescore_all(samples: Sequence[DetectionSample], detections: Sequence[Detections],
+                classify: BoxProbabilities, config: BoxClassifierConfig,
+                device: torch.device | str = "cpu") -> list[Detections]:
+    """:func:`rescore` of each image's detections with any ``classify`` (eager, no grad)."""
+    device = torch.device(device)
     out = []
     with torch.inference_mode():
         for sample, det in zip(samples, detections, strict=True):
@@ -307,7 +326,7 @@ def rescore_detections(samples: Sequence[DetectionSample], detections: Sequence[
             boxes, scores, labels = rescore(
                 image.permute(2, 0, 1).float(), torch.from_numpy(det.boxes).to(device),
                 torch.from_numpy(det.scores).to(device), torch.from_numpy(det.labels).to(device),
-                crop_classifier, classifier.config)
+                classify, config)
             out.append(Detections(boxes.float().cpu().numpy(), scores.float().cpu().numpy(),
                                   labels.cpu().numpy().astype(np.int64)))
     return out

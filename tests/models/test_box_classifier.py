@@ -74,8 +74,8 @@ def test_rescore_keeps_one_box_per_object_and_multiplies_scores(
     config = BoxClassifierConfig(score_floor=0.0, min_box_score=0.05, max_boxes=2)
     classifier = CropClassifier(_random_head(6), config.tta_quarter_turns)
     with torch.inference_mode():
-        out_boxes, out_scores, out_labels = rescore(image, boxes, scores, labels, classifier,
-                                                    config)
+        out_boxes, out_scores, out_labels = rescore(image, boxes, scores, labels,
+                                                    classifier.classify_boxes, config)
         probs = classifier(crop_boxes(image, boxes[[0, 2]]))
     # two objects re-classified (the overlapping pair merged into its best box), every class of
     # each; the third object (beyond max_boxes) passes through with the detector's label
@@ -95,20 +95,21 @@ def test_rescore_keeps_one_box_per_object_and_multiplies_scores(
 
     floored = dataclasses.replace(config, score_floor=0.2, min_box_score=0.1)
     with torch.inference_mode():
-        _, kept, _ = rescore(image, boxes, scores, labels, classifier, floored)
+        _, kept, _ = rescore(image, boxes, scores, labels, classifier.classify_boxes, floored)
     # the 0.07 box is neither re-classified nor passed on; every other score reaches the floor
     assert len(kept) < len(out_scores) - 1 and (kept >= 0.2).all()
 
     one = dataclasses.replace(config, max_boxes=1)  # the other objects keep their own labels
     with torch.inference_mode():
-        kept_boxes, kept, kept_labels = rescore(image, boxes, scores, labels, classifier, one)
+        kept_boxes, kept, kept_labels = rescore(image, boxes, scores, labels,
+                                                classifier.classify_boxes, one)
     assert len(kept) == 6 + 2
     second = (kept_boxes == boxes[2]).all(dim=1)
     assert kept_labels[second].tolist() == [3] and float(kept[second]) == pytest.approx(0.3)
 
     with torch.inference_mode():
         empty = rescore(image, torch.zeros(0, 4), torch.zeros(0),
-                        torch.zeros(0, dtype=torch.int64), classifier, config)
+                        torch.zeros(0, dtype=torch.int64), classifier.classify_boxes, config)
     assert [tuple(t.shape) for t in empty] == [(0, 4), (0,), (0,)]
 
 
