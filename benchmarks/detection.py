@@ -332,7 +332,7 @@ def train_one(ds: Dataset, size: str, cfg: Config) -> tuple[Json, DetectorTrainR
     detector_ev = evaluate_predictions(val_preds, test_preds, ds, val, test)
     # the crop stage, decided on val as in the worker
     crops = fit_box_classifier(train.samples, val.samples, val_preds, len(ds.classes),
-                               cfg.device)
+                               cfg.device, budget_s=crop_stage_reserve(cfg.budget_s))
     ev = detector_ev
     if crops.classifier is not None:
         start = time.perf_counter()

@@ -187,7 +187,12 @@ def fit_crop_stage(ctx: WorkerContext, result: DetectorTrainResult,
                    should_stop: Callable[[], bool]) -> BoxClassifierFit:
     """Train the crop re-classifier and keep it if it lifts held-out mAP@.5
     (``models.box_classifier``); its decision and figures go into the run record."""
-    from models.box_classifier import BoxClassifierConfig, BoxClassifierFit, fit_box_classifier
+    from models.box_classifier import (
+        BoxClassifierConfig,
+        BoxClassifierFit,
+        crop_stage_reserve,
+        fit_box_classifier,
+    )
     from models.detector import load_detector, predict_detections
 
     if not ctx.settings.detection_crop_stage:
@@ -198,7 +203,8 @@ def fit_crop_stage(ctx: WorkerContext, result: DetectorTrainResult,
     try:
         config = BoxClassifierConfig(min_gain=ctx.settings.detection_crop_min_gain)
         return fit_box_classifier(train, val, val_dets, num_classes, device, config,
-                                  should_stop=should_stop)
+                                  should_stop=should_stop, budget_s=crop_stage_reserve(
+                                      ctx.settings.detection_train_seconds))
     except ValueError as exc:  # e.g. the head diverged: the detector alone still serves
         log.warning("crop stage not trained: %s", exc)
         return BoxClassifierFit(None, f"not trained: {exc}")

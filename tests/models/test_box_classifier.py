@@ -11,16 +11,19 @@ import pytest
 import torch
 
 from models.box_classifier import (
+    CPU_CROPS_PER_S,
     BoxClassifierConfig,
     CropClassifier,
     _training_views,
     crop_boxes,
+    fit_box_classifier,
     quarter_turns,
     rescore,
     train_box_classifier,
+    views_within,
 )
 from models.detection_data import load_voc_samples
-from models.detection_types import DetectionSample
+from models.detection_types import Detections, DetectionSample
 from models.heads import HeadParams
 from tests.models.cards import CARDS
 
@@ -150,3 +153,22 @@ def test_crop_head_learns_the_ranks(cards: list[DetectionSample]) -> None:
             total += len(s.labels)
     print(f"crop head: {right}/{total} held-out cards named right")
     assert total >= 10 and right / total >= 0.5  # chance is 1/6
+
+
+def test_budget_caps_training_views(cards: list[DetectionSample]) -> None:
+    """On the CPU a crop-stage budget bounds the views embedded: the validation crops first,
+    then what is left, never under one view per labeled box nor over the config's cap."""
+    train, val = cards[:10], cards[10:14]
+    dets = [Detections(s.boxes, np.ones(len(s.labels), np.float32), s.labels) for s in val]
+    objects = sum(len(s.labels) for s in train)
+    config = BoxClassifierConfig()
+    val_crops = sum(len(s.labels) + 1 for s in val)  # each box, plus the padding box
+    room = 3 * objects + val_crops
+    assert views_within(room / CPU_CROPS_PER_S, objects, dets, config) == 3 * objects
+    assert views_within(0.0, objects, dets, config) == objects
+    assert views_within(1e6, objects, dets, config) == config.max_training_views
+
+    tight = fit_box_classifier(train, val, dets, len(CARD_CLASSES), budget_s=0.0)
+    assert tight.training_views == objects
+    roomy = fit_box_classifier(train, val, dets, len(CARD_CLASSES), budget_s=1e6)
+    assert roomy.training_views == config.max_views_per_box * objects
