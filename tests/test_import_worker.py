@@ -22,6 +22,7 @@ from tests.test_datasets_api import (
     labels_by_sha,
     run_imports,
     start_import,
+    zip_of,
 )
 
 
@@ -63,6 +64,27 @@ def test_import_job_on_a_real_worker(request: pytest.FixtureRequest, tmp_path: P
         gen.close()
 
 
+# The whole of BCCD, three times over, so that checking lasts seconds even on a fast machine
+# (one copy was checked in under a second once, and the job finished before it could be killed).
+COPIES = 3
+
+
+def bccd_copies_zip(names: list[str], copies: int) -> tuple[bytes, list[str]]:
+    """A VOC archive of ``copies`` distinct copies of each BCCD image (bytes after the JPEG's
+    end marker make each copy's sha256 differ; the pixels are the same) with its boxes."""
+    members, stems = {}, []
+    for name in names:
+        xml = (BCCD / "Annotations" / f"{name}.xml").read_bytes()
+        jpeg = (BCCD / "JPEGImages" / f"{name}.jpg").read_bytes()
+        for i in range(copies):
+            stem = f"{name}_c{i}"
+            members[f"VOC/Annotations/{stem}.xml"] = xml.replace(
+                f"{name}.jpg".encode(), f"{stem}.jpg".encode())
+            members[f"VOC/JPEGImages/{stem}.jpg"] = jpeg + bytes(i)
+            stems.append(stem)
+    return zip_of(members), stems
+
+
 def wait_job(api: Api, jid: int, worker: WorkerProcess, timeout: float = 180) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -80,7 +102,7 @@ def test_sigkill_mid_import_imports_once(request: pytest.FixtureRequest, tmp_pat
     """The worker child is killed while it checks the whole BCCD dataset: the job is taken
     over (attempt 2) and imported once, with the labels of an uninterrupted import."""
     names = sorted(p.stem for p in (BCCD / "Annotations").glob("*.xml"))
-    archive = bccd_voc_zip(names)
+    archive, names = bccd_copies_zip(names, COPIES)
     values = backend_values(request, backend, tmp_path, cache_dir)
     gen = make_api(values)
     api = next(gen)
