@@ -55,6 +55,18 @@ class Settings(BaseSettings):
     max_import_member_bytes: int = 1024**3  # one member, as declared
     max_import_files: int = 200_000  # members of one archive
 
+    # Label Studio ML backend (service/labelstudio): where relative image paths
+    # (/data/upload/...) are fetched from, with which key (legacy token or personal access
+    # token), and which other hosts http(s) image URLs may name (comma-separated host[:port]).
+    # Nothing else is fetched: an image URL is a request the service makes for a caller.
+    labelstudio_prefix: str = "/labelstudio"
+    labelstudio_url: str = ""
+    labelstudio_api_key: str = ""
+    labelstudio_allowed_hosts: str = ""
+    labelstudio_username: str = ""  # HTTP Basic auth on the backend routes when both are set
+    labelstudio_password: str = ""
+    labelstudio_fetch_timeout_s: float = 20.0
+
     worker_concurrency: int = 2
     onnx_threads: int = 0  # 0: onnxruntime's default
 
@@ -65,6 +77,9 @@ class Settings(BaseSettings):
                 raise ValueError("production needs PRELABEL_DATABASE_URL (PostgreSQL)")
             if not self.broker_url:
                 raise ValueError("production needs PRELABEL_BROKER_URL (e.g. redis://...)")
+            if self.labelstudio_username and len(self.labelstudio_password) < 12:
+                raise ValueError("PRELABEL_LABELSTUDIO_PASSWORD must be at least 12 characters "
+                                 "in production")
             if self.admin_key and len(self.admin_key) < 24:
                 raise ValueError("PRELABEL_ADMIN_KEY must be at least 24 characters in production")
         return self

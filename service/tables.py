@@ -244,3 +244,32 @@ class ImportJob(Base):
     created_at: Mapped[datetime] = mapped_column(Stamp(), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(Stamp(), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(Stamp(), nullable=True)
+
+
+class LabelStudioLink(Base):
+    """A Label Studio project served as an ML backend, and the prelabel project behind it."""
+
+    __tablename__ = "labelstudio_projects"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    # Label Studio's own key for its project: "<id>.<created_at as a Unix timestamp>"
+    ls_project: Mapped[str] = mapped_column(String(64), unique=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    mapping: Mapped[dict[str, Any]] = mapped_column(JSON)  # label_config.LabelMapping
+    hostname: Mapped[str | None] = mapped_column(String(500), nullable=True)  # from /setup
+    created_at: Mapped[datetime] = mapped_column(Stamp(), default=utcnow)
+
+
+class LabelStudioTask(Base):
+    """A Label Studio task's image as stored in prelabel (fetched once per URL)."""
+
+    __tablename__ = "labelstudio_tasks"
+    __table_args__ = (UniqueConstraint("link_id", "task_id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    link_id: Mapped[int] = mapped_column(
+        ForeignKey("labelstudio_projects.id", ondelete="CASCADE"))
+    task_id: Mapped[int] = mapped_column(Integer)
+    url: Mapped[str] = mapped_column(Text)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
+    # the Label Studio annotation behind the image's current label (deleting it unlabels)
+    annotation_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(Stamp(), default=utcnow)
