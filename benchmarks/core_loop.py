@@ -249,23 +249,26 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-def server_env(data_dir: Path, admin_key: str) -> dict[str, str]:
+def server_env(data_dir: Path, admin_key: str,
+               extra: dict[str, str] | None = None) -> dict[str, str]:
     """The caller's environment without PRELABEL_*, plus the benchmark's settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PRELABEL_")}
     env.update(PRELABEL_DATA_DIR=str(data_dir), PRELABEL_ADMIN_KEY=admin_key,
                PRELABEL_DEVICE="cpu", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    env.update(extra or {})
     return env
 
 
 @contextmanager
-def running_server(data_dir: Path, admin_key: str) -> Iterator[Server]:
+def running_server(data_dir: Path, admin_key: str,
+                   extra_env: dict[str, str] | None = None) -> Iterator[Server]:
     """Start ``serve`` (API + embedded worker) the way a user does; always stop it."""
     port = free_port()
     log_path = data_dir.parent / "server.log"
     with log_path.open("wb") as fh:
         proc = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "serve", "--port", str(port)], cwd=REPO,
-            env=server_env(data_dir, admin_key), stdout=fh, stderr=subprocess.STDOUT,
+            env=server_env(data_dir, admin_key, extra_env), stdout=fh, stderr=subprocess.STDOUT,
             start_new_session=True)
     server = Server(proc, f"http://127.0.0.1:{port}", log_path)
     try:

@@ -93,12 +93,13 @@ def predict_embeddings(model: LoadedModel, vectors: np.ndarray) -> np.ndarray:
     return model.head.run(np.ascontiguousarray(vectors, dtype=np.float32))
 
 
-def predict_image_bytes(cache: ModelCache, model: LoadedModel, data: bytes,
-                        max_pixels: int) -> np.ndarray:
-    """Probabilities [C] for an image that has no cached embedding (already validated)."""
-    # same decode path as the embedding worker, so both routes give the same answer
-    img = load_rgb(data, max_pixels=max_pixels, draft_size=INPUT_SIZE)
-    return predict_rgb(cache, model, img)
+def predict_images_bytes(cache: ModelCache, model: LoadedModel, images: list[bytes],
+                         max_pixels: int) -> np.ndarray:
+    """Probabilities [N, C] for images without cached embeddings (already validated), in one
+    graph call. Same decode path as the embedding worker, so both routes give the same answer."""
+    x = np.stack([to_model_input(load_rgb(data, max_pixels=max_pixels, draft_size=INPUT_SIZE))
+                  for data in images])
+    return cache.pipeline(model).run(x)
 
 
 def predict_rgb(cache: ModelCache, model: LoadedModel, img: PILImage.Image) -> np.ndarray:

@@ -151,14 +151,19 @@ class WorkerProcess:
         return self.log.read_text(errors="replace")[-n:]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_group(self.proc)
         self._fh.close()
+
+
+def stop_group(proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    """SIGTERM a process group started with ``start_new_session``; SIGKILL after ``timeout``."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def worker_stack(values: dict[str, Any]) -> Iterator[tuple[Api, WorkerProcess]]:

@@ -25,7 +25,7 @@ from service.inference import (
     detect_image_bytes,
     detect_rgb,
     predict_embeddings,
-    predict_image_bytes,
+    predict_images_bytes,
     predict_rgb,
     to_prediction,
 )
@@ -34,6 +34,7 @@ from service.schemas import SuggestionBatchIn, SuggestionBatchOut, SuggestionOut
 from service.tables import Embedding, Image, ModelVersion, Suggestion, utcnow
 
 router = APIRouter(prefix="/api/v1", tags=["suggestions"])
+PIPELINE_BATCH = 16  # images per graph call for images that have no embedding yet
 
 
 def no_model() -> APIError:
@@ -65,11 +66,12 @@ def predictions(ctx: AppContext, model: LoadedModel, images: list[Image],
     if embedded:
         x = np.stack([np.frombuffer(vectors[i.id], np.float32) for i in embedded])
         probs.update(zip([i.id for i in embedded], predict_embeddings(model, x), strict=True))
-    for image in images:
-        if image.id not in probs:  # not embedded yet: run the whole pipeline on the file
-            data = ctx.blobs.get(image.storage_key)
-            probs[image.id] = predict_image_bytes(ctx.models, model, data,
-                                                  ctx.settings.max_image_pixels)
+    todo = [i for i in images if i.id not in probs]  # not embedded yet: the whole pipeline
+    for start in range(0, len(todo), PIPELINE_BATCH):
+        batch = todo[start:start + PIPELINE_BATCH]
+        probs.update(zip([i.id for i in batch], predict_images_bytes(
+            ctx.models, model, [ctx.blobs.get(i.storage_key) for i in batch],
+            ctx.settings.max_image_pixels), strict=True))
     return {i.id: to_prediction(model, probs[i.id], i.width, i.height) for i in images}
 
 

@@ -142,7 +142,7 @@ class ImageFetcher:
         with self._lock:
             if self._access is None or self._access[1] < time.monotonic():
                 try:
-                    r = client.post(f"{self.base}/api/token/refresh",
+                    r = client.post(f"{self.base}/api/token/refresh/",
                                     json={"refresh": self.key}, timeout=self.timeout)
                 except httpx.HTTPError as exc:
                     raise FetchError("image_fetch_failed", "could not reach Label Studio to "
