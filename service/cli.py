@@ -247,5 +247,73 @@ def export_cmd(
                            "missing_images": manifest["missing_count"]}))
 
 
+@app.command("simulate")
+def simulate_cmd(
+    dataset: Annotated[Path, typer.Argument(help="labeled dataset: folder or zip/tar archive")],
+    format: Annotated[str, typer.Option(
+        "--format", help="coco | voc | yolo | azureml | labelstudio | folders")],
+    task: Annotated[str, typer.Option(help="multiclass | multilabel | detection")],
+    out: Annotated[Path, typer.Option(help="folder for the logs, summary and plots")] = Path(
+        "simulation"),
+    order: Annotated[list[str], typer.Option(
+        help="uncertainty | random | file (repeat the flag for several sessions)")] = [  # noqa: B006
+        "uncertainty", "random"],
+    url: Annotated[str | None, typer.Option(
+        help="a running prelabel; default: start one in a temporary folder")] = None,
+    key: Annotated[str | None, typer.Option(help="its admin key (or PRELABEL_ADMIN_KEY)")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    max_labels: Annotated[int | None, typer.Option(help="stop after this many labels")] = None,
+    holdout: Annotated[float, typer.Option(help="share of images held out for the metric")] = 0.2,
+    checkpoints: Annotated[str, typer.Option(help="labels per class to evaluate at")] = (
+        "5,10,25,50,100"),
+    iou: Annotated[float, typer.Option(help="IoU for a box to count as unchanged")] = 0.75,
+    cost_tag: Annotated[float, typer.Option(help="s to choose a tag")] = 3.0,
+    cost_verify_tag: Annotated[float, typer.Option(help="s to accept a suggested tag")] = 1.0,
+    cost_draw_box: Annotated[float, typer.Option(help="s to draw a box")] = 7.0,
+    cost_verify_box: Annotated[float, typer.Option(help="s to check a suggested box")] = 1.6,
+    cost_adjust_box: Annotated[float, typer.Option(help="s to drag a box into place")] = 3.5,
+    cost_relabel_box: Annotated[float, typer.Option(help="s to change a box's label")] = 1.5,
+    cost_delete_box: Annotated[float, typer.Option(help="s to delete a box")] = 1.0,
+) -> None:
+    """Play an annotator over HTTP on a labeled dataset and measure what pre-labeling saves."""
+    from service.simulate.client import SimulationError
+    from service.simulate.driver import embedded_server, simulate
+    from service.simulate.report import Costs
+    from service.simulate.run import ORDERS, SimConfig
+
+    if task not in ("multiclass", "multilabel", "detection"):
+        raise _fail(f"unknown task {task!r}")
+    if any(o not in ORDERS for o in order):
+        raise _fail(f"--order must be one of {', '.join(ORDERS)}")
+    try:
+        points = tuple(int(c) for c in checkpoints.split(",") if c.strip())
+    except ValueError:
+        raise _fail("--checkpoints takes comma-separated integers") from None
+    config = SimConfig(seed=seed, max_labels=max_labels, checkpoints=points, iou_unchanged=iou)
+    costs = Costs(cost_tag, cost_verify_tag, cost_draw_box, cost_verify_box, cost_adjust_box,
+                  cost_relabel_box, cost_delete_box)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
+
+    def run(server: str, admin: str) -> None:
+        summary = simulate(server, admin, dataset, format, task, order, out, config, costs,
+                           holdout=holdout)
+        typer.echo((out / "summary.md").read_text())
+        typer.echo(f"logs, summary.json and curves.png in {out} "
+                   f"({len(summary['sessions'])} sessions)")
+
+    try:
+        if url:
+            admin = key or os.environ.get("PRELABEL_ADMIN_KEY", "")
+            if not admin:
+                raise _fail("--url needs --key (an admin key) or PRELABEL_ADMIN_KEY")
+            run(url, admin)
+        else:
+            with embedded_server() as (server, admin):
+                run(server, admin)
+    except SimulationError as exc:
+        raise _fail(f"simulation failed: {exc}") from exc
+
+
 if __name__ == "__main__":
     app()

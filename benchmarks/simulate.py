@@ -1,0 +1,94 @@
+"""What pre-labeling saves, measured with ``prelabel simulate`` on the shared datasets.
+
+Scenarios (each: uncertainty order vs random order, a fresh ``prelabel serve`` started by the
+simulator, CPU):
+
+- ``cards-classification``: the cards as 6-class classification, a folder per rank of the
+  card crops derived from the VOC boxes (train and test photos);
+- ``cards-detection``: the cards photos with their VOC boxes;
+- ``bccd-detection``: the BCCD smears with their VOC boxes.
+
+Writes ``benchmarks/results/simulate/<scenario>/`` (``summary.{json,md}``, ``curves.png``, one
+``<order>.jsonl`` step log per order) and prints the summaries; it never asserts.
+
+    .venv/bin/python benchmarks/simulate.py cards-classification [--max-labels N]
+        [--train-seconds S] [--checkpoints 5,10,25,50,100] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.core_loop import RESULTS, log
+from service.simulate.driver import embedded_server, simulate
+from service.simulate.report import Costs
+from service.simulate.run import SimConfig
+from tests.conftest import DATASETS
+from tests.images import card_crops
+
+SCENARIOS = ("cards-classification", "cards-detection", "bccd-detection")
+
+
+def card_crop_folders(dest: Path) -> Path:
+    """The cards as a folder-per-rank classification dataset (crops of the VOC boxes)."""
+    for split in ("train", "test"):
+        for sample in card_crops(split):
+            folder = dest / sample.labels[0]
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{split}_{sample.name}").write_bytes(sample.data)
+    return dest
+
+
+def voc_folder(dest: Path, sources: list[Path]) -> Path:
+    """One VOC folder (images beside their XML) from several (their file names are unique)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for src in sources:
+        for file in src.iterdir():
+            if file.is_file() and file.name != "LICENSE":
+                shutil.copy(file, dest / file.name)
+    return dest
+
+
+def dataset_for(scenario: str, tmp: Path) -> tuple[Path, str, str]:
+    """(dataset path, format, task) of a scenario."""
+    if scenario == "cards-classification":
+        return card_crop_folders(tmp / "crops"), "folders", "multiclass"
+    if scenario == "cards-detection":
+        cards = DATASETS / "cards"
+        return voc_folder(tmp / "cards", [cards / "train", cards / "test"]), "voc", "detection"
+    return DATASETS / "bccd", "voc", "detection"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("scenario", choices=SCENARIOS)
+    parser.add_argument("--max-labels", type=int, default=None)
+    parser.add_argument("--train-seconds", type=float, default=None,
+                        help="detection training budget per run (default: the service's)")
+    parser.add_argument("--checkpoints", default="5,10,25,50,100")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--orders", default="uncertainty,random")
+    args = parser.parse_args()
+    env = {"PRELABEL_DEVICE": "cpu"}
+    if args.train_seconds:
+        env["PRELABEL_DETECTION_TRAIN_SECONDS"] = str(args.train_seconds)
+    config = SimConfig(seed=args.seed, max_labels=args.max_labels,
+                       checkpoints=tuple(int(c) for c in args.checkpoints.split(",")))
+    out = RESULTS / "simulate" / args.scenario
+    with tempfile.TemporaryDirectory(prefix="prelabel-sim-data-") as tmp:
+        dataset, fmt, task = dataset_for(args.scenario, Path(tmp))
+        log(f"{args.scenario}: {dataset} ({fmt}, {task})")
+        with embedded_server(env) as (url, key):
+            simulate(url, key, dataset, fmt, task, args.orders.split(","), out, config,
+                     Costs(), title=args.scenario)
+    print((out / "summary.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""Summaries of simulated sessions: labels until suggestions, acceptance, accuracy per label
+budget, annotator time by per-action costs, and the plots."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from service.simulate.run import Session
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Seconds per annotator action (flags of ``prelabel simulate``).
+
+    Box drawing: 7.0 s with extreme clicking (Papadopoulos et al., ICCV 2017), 25.5 s the
+    classic way (Su, Deng and Fei-Fei, HCOMP 2012); verifying a box: about 1.6 s
+    (Papadopoulos et al., CVPR 2016). The tag and edit costs are assumptions, not measurements.
+    """
+
+    tag: float = 3.0  # choose a tag from the list
+    verify_tag: float = 1.0  # look at a suggested tag and accept it
+    draw_box: float = 7.0
+    verify_box: float = 1.6
+    adjust_box: float = 3.5  # drag a suggested box into place
+    relabel_box: float = 1.5
+    delete_box: float = 1.0
+
+
+def step_seconds(step: dict[str, Any], costs: Costs, detection: bool) -> tuple[float, float]:
+    """(seconds without suggestions, seconds with this step's suggestion)."""
+    if detection:
+        # an image with nothing in it still takes a look to confirm
+        manual = costs.draw_box * step["boxes_true"] or costs.verify_tag
+        edits = step.get("edits")
+        if edits is None:
+            return manual, manual
+        looked = edits["unchanged"] + edits["moved"] + edits["relabeled"] + edits["deleted"]
+        assisted = (costs.verify_box * looked + costs.adjust_box * edits["moved"]
+                    + costs.relabel_box * edits["relabeled"] + costs.delete_box * edits["deleted"]
+                    + costs.draw_box * edits["added"]) or costs.verify_tag
+        return manual, assisted
+    manual = costs.tag * max(1, len(step["true_tags"]))
+    if step["outcome"] == "absent":
+        return manual, manual
+    if step["outcome"] == "accepted":
+        return manual, costs.verify_tag
+    return manual, costs.verify_tag + manual
+
+
+def summarize(session: Session, costs: Costs, after_labels: int | None = None) -> dict[str, Any]:
+    """The figures of one session. ``after_labels``: also the acceptance from that many
+    labels on (e.g. 5 per class, or 50 images)."""
+    steps = session.steps
+    detection = session.task == "detection"
+    first = next((s["labels_before"] for s in steps if s["outcome"] != "absent"), None)
+    shown = [s for s in steps if s["outcome"] != "absent"]
+    out: dict[str, Any] = {
+        "order": session.order, "task": session.task, "classes": len(session.classes),
+        "pool": session.pool, "holdout": session.holdout, "labels": len(steps),
+        "labels_until_first_suggestion": first,
+        "accepted_after_first_model": _share(shown),
+        "seconds": round(session.seconds, 1), "training_wait_s": round(session.training_wait_s, 1),
+        "checkpoints": session.checkpoints,
+    }
+    if after_labels is not None:
+        late = [s for s in shown if s["labels_before"] >= after_labels]
+        out["after_labels"] = after_labels
+        out["accepted_after"] = _share(late)
+        if detection:
+            out["boxes_unchanged_after"] = _box_share(late)
+    if detection:
+        out["boxes_unchanged_after_first_model"] = _box_share(shown)
+    manual = assisted = 0.0
+    for s in steps:
+        m, a = step_seconds(s, costs, detection)
+        manual, assisted = manual + m, assisted + a
+    out["annotator_seconds"] = {"without_suggestions": round(manual, 1),
+                                "with_suggestions": round(assisted, 1),
+                                "saved_share": round(1 - assisted / manual, 4) if manual else None,
+                                "costs": asdict(costs)}
+    return out
+
+
+def _share(steps: Sequence[dict[str, Any]]) -> float | None:
+    if not steps:
+        return None
+    return round(sum(s["outcome"] == "accepted" for s in steps) / len(steps), 4)
+
+
+def _box_share(steps: Sequence[dict[str, Any]]) -> float | None:
+    true = sum(s.get("boxes_true", 0) for s in steps)
+    kept = sum(s["edits"]["unchanged"] for s in steps if "edits" in s)
+    return round(kept / true, 4) if true else None
+
+
+def labels_to_reach(session: Session, target: float) -> int | None:
+    """Fewest labels at which a checkpoint reached ``target`` (None if none did)."""
+    for cp in session.checkpoints:
+        if cp["metric"] is not None and cp["metric"] >= target - 1e-9:
+            return int(cp["labels"])
+    return None
+
+
+def compare_orders(active: Session, baseline: Session) -> dict[str, Any]:
+    """Labels the active order needs to reach the baseline's final checkpoint metric."""
+    done = [c for c in baseline.checkpoints if c["metric"] is not None]
+    if not done:
+        return {"target": None}
+    target, baseline_labels = done[-1]["metric"], done[-1]["labels"]
+    baseline_first = labels_to_reach(baseline, target)
+    active_labels = labels_to_reach(active, target)
+    return {"target": target, "baseline_final_labels": baseline_labels,
+            "baseline_labels_to_target": baseline_first, "active_labels_to_target": active_labels,
+            "fewer_labels_share": (round(1 - active_labels / baseline_first, 4)
+                                   if active_labels and baseline_first else None)}
+
+
+def acceptance_curve(session: Session, window: int = 20) -> tuple[list[int], list[float]]:
+    """Share of suggestions accepted over a sliding window of steps, against labels."""
+    xs, ys = [], []
+    shown = [s for s in session.steps if s["outcome"] != "absent"]
+    for end in range(window, len(shown) + 1, max(1, window // 4)):
+        part = shown[end - window:end]
+        xs.append(part[-1]["labels_before"])
+        ys.append(sum(s["outcome"] == "accepted" for s in part) / window)
+    return xs, ys
+
+
+def plot(sessions: Sequence[Session], title: str, path: Path) -> None:
+    """Metric and acceptance against labels, one line per order (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for s in sessions:
+        pts = [(c["labels"], c["metric"]) for c in s.checkpoints if c["metric"] is not None]
+        if pts:
+            left.plot(*zip(*pts, strict=True), marker="o", label=s.order)
+        xs, ys = acceptance_curve(s)
+        if xs:
+            right.plot(xs, ys, label=s.order)
+    metric = next((c.get("metric_name") for s in sessions for c in s.checkpoints
+                   if c.get("metric_name")), "metric")
+    left.set(xlabel="labels", ylabel=f"{metric} on the held-out split", title=title)
+    right.set(xlabel="labels", ylabel="suggestions accepted unchanged (last 20)",
+              title="acceptance", ylim=(0, 1.02))
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,76 @@
+"""``prelabel simulate`` end to end on a small real subset: card crops of three ranks, a
+folder per class, against a ``prelabel serve`` the command starts itself."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service.simulate.compare import compare_boxes
+from tests.conftest import REPO
+from tests.images import card_crops
+
+pytestmark = pytest.mark.slow
+RANKS = ("ace", "king", "nine")
+
+
+def test_compare_boxes_counts_each_edit() -> None:
+    box = {"label": "a", "x": 0.0, "y": 0.0, "width": 100.0, "height": 100.0}
+    truth = [box, {**box, "x": 300.0}, {**box, "x": 600.0}, {**box, "y": 300.0}]
+    suggested = [
+        {**box, "x": 2.0},  # IoU 0.96, same label: unchanged
+        {**box, "x": 302.0, "label": "b"},  # right place, wrong label: relabeled
+        {**box, "x": 640.0},  # IoU 0.43: moved
+        {**box, "x": 900.0},  # nothing there: deleted
+    ]  # the box at y=300 is not suggested: added
+    edits = compare_boxes(suggested, truth)
+    assert edits.to_dict() == {"unchanged": 1, "moved": 1, "relabeled": 1, "deleted": 1,
+                               "added": 1}
+    assert not edits.accepted and compare_boxes(truth, truth).accepted
+    assert compare_boxes([], []).accepted
+
+
+def test_simulate_cards_subset(tmp_path: Path) -> None:
+    dataset = tmp_path / "crops"
+    for sample in card_crops("train", per_class=14):
+        if sample.labels[0] in RANKS:
+            folder = dataset / sample.labels[0]
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / sample.name).write_bytes(sample.data)
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "service.cli", "simulate", str(dataset), "--format", "folders",
+         "--task", "multiclass", "--out", str(out), "--order", "uncertainty", "--order", "random",
+         "--checkpoints", "5,10", "--seed", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images"] == 42 and sorted(summary["classes"]) == sorted(RANKS)
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| labels given | 34 | 34 |" in (out / "summary.md").read_text()
+    for s in summary["sessions"]:
+        steps = [json.loads(line) for line in (out / f"{s['order']}.jsonl").open()]
+        # every pool image answered once; the counts add up
+        assert len(steps) == s["labels"] == s["pool"] == 34 and s["holdout"] == 8
+        assert len({st["image_id"] for st in steps}) == 34
+        assert [st["step"] for st in steps] == list(range(1, 35))
+        outcomes = [st["outcome"] for st in steps]
+        first = s["labels_until_first_suggestion"]
+        # no suggestion before the first model (5 labels per class at least), one after
+        assert first is not None and first >= 15
+        assert set(outcomes[:first]) == {"absent"} and "absent" not in outcomes[first:]
+        shown = outcomes[first:]
+        assert s["accepted_after_first_model"] == pytest.approx(
+            shown.count("accepted") / len(shown), abs=1e-4)
+        assert s["accepted_after_first_model"] >= 0.5  # acceptance rises from 0 with a model
+        assert all(st["suggested_tags"] for st in steps[first:])
+        assert [c["labels_per_class"] for c in s["checkpoints"]] == [5, 10]
+        for c in s["checkpoints"]:  # a metric once the policy's first model exists
+            assert (c["metric"] is None) == (c["labels"] < first), c
+            assert c["metric"] is None or 0 <= c["metric"] <= 1
+        time = s["annotator_seconds"]
+        assert time["with_suggestions"] < time["without_suggestions"] == 34 * 3.0
