@@ -128,6 +128,20 @@ class LabelStudio:
     def predictions(self, project: int) -> list[dict[str, Any]]:
         return list(self.call("GET", f"/api/predictions?project={project}"))
 
+    def personal_access_token(self) -> str:
+        """Log in through the form and create the user's personal access token (a JWT
+        refresh token; the API wants an access token made from it)."""
+        with httpx.Client(base_url=self.url, timeout=60) as browser:
+            browser.get("/user/login/").raise_for_status()
+            r = browser.post("/user/login/", data={
+                "csrfmiddlewaretoken": browser.cookies["csrftoken"], "email": USER,
+                "password": PASSWORD}, headers={"Referer": f"{self.url}/user/login/"})
+            assert r.status_code == 302, (r.status_code, r.text[:300])
+            r = browser.post("/api/token/", headers={
+                "X-CSRFToken": browser.cookies["csrftoken"], "Referer": f"{self.url}/"})
+            assert r.status_code == 201, (r.status_code, r.text[:300])
+            return str(r.json()["token"])
+
     def stop(self) -> None:
         self.api.close()
         stop_group(self.proc)

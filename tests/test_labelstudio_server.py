@@ -19,6 +19,8 @@ from typing import Any
 import httpx
 import pytest
 
+from service.labelstudio.fetch import FetchError, ImageFetcher
+from service.settings import Settings
 from tests.conftest import DATASETS, backend_values, env_for, stop_group
 from tests.labelstudio_server import TOKEN, LabelStudio, free_port, label_studio_bin, voc_result
 
@@ -224,3 +226,22 @@ def test_detection_project_end_to_end(request: pytest.FixtureRequest, tmp_path: 
         assert boxes >= len(rest) * 3  # a smear holds many cells: the detector finds some
     finally:
         prelabel.stop()
+
+
+def test_images_fetched_with_a_personal_access_token(tmp_path: Path,
+                                                     label_studio: LabelStudio) -> None:
+    """The other kind of key 1.23 offers: prelabel renews an access token from it."""
+    ls = label_studio
+    pid = ls.create_project("token", CHOICES)
+    [task] = ls.import_images(pid, [BCCD[0]])
+    pat = ls.personal_access_token()
+    settings = Settings(data_dir=tmp_path, labelstudio_url=ls.url, labelstudio_api_key=pat)
+    fetcher = ImageFetcher(settings)
+    with httpx.Client() as client:
+        data = fetcher.fetch(client, fetcher.resolve(task["data"]["image"]))
+        assert data == BCCD[0].read_bytes()
+        wrong_key = ImageFetcher(Settings(data_dir=tmp_path, labelstudio_url=ls.url,
+                                            labelstudio_api_key="not-a-key"))
+        with pytest.raises(FetchError) as refused:
+            wrong_key.fetch(client, fetcher.resolve(task["data"]["image"]))
+        assert refused.value.code == "image_fetch_unauthorized"

@@ -21,6 +21,9 @@ MAX_REDIRECTS = 3
 # Label Studio's personal access tokens are JWT refresh tokens; the access tokens they give
 # live 5 minutes by default: renew a little before.
 ACCESS_TOKEN_TTL_S = 240.0
+# access tokens per (Label Studio, key), shared by requests: one renewal per 4 minutes
+_ACCESS: dict[tuple[str, str], tuple[str, float]] = {}
+_ACCESS_LOCK = threading.Lock()
 
 
 class FetchError(Exception):
@@ -61,14 +64,12 @@ def looks_like_jwt(key: str) -> bool:
 class ImageFetcher:
     """Fetches task images with the Label Studio key, checking every hop against the hosts."""
 
-    def __init__(self, settings: Settings, base_url: str = "", api_key: str = "") -> None:
+    def __init__(self, settings: Settings, base_url: str = "") -> None:
         self.base = (settings.labelstudio_url or base_url).rstrip("/")
-        self.key = settings.labelstudio_api_key or api_key
+        self.key = settings.labelstudio_api_key
         self.allowed = allowed_hosts(settings)
         self.max_bytes = settings.max_upload_bytes
         self.timeout = settings.labelstudio_fetch_timeout_s
-        self._access: tuple[str, float] | None = None
-        self._lock = threading.Lock()
 
     def resolve(self, value: object) -> str:
         """The absolute URL of a task's image field."""
@@ -113,9 +114,8 @@ class ImageFetcher:
                 if r.is_redirect:
                     return r.headers.get("location", ""), b""
                 if r.status_code in (401, 403):
-                    if retry_auth and self._access is not None:
-                        self._access = None  # expired access token: renew once
-                        return self._get(client, url, retry_auth=False)
+                    if retry_auth and _ACCESS.pop((self.base, self.key), None) is not None:
+                        return self._get(client, url, retry_auth=False)  # renewed once
                     raise FetchError("image_fetch_unauthorized",
                                      f"{host_of(url)} answered {r.status_code} for the image: "
                                      "check PRELABEL_LABELSTUDIO_API_KEY", 502)
@@ -139,8 +139,9 @@ class ImageFetcher:
             return {}
         if not looks_like_jwt(self.key):
             return {"Authorization": f"Token {self.key}"}
-        with self._lock:
-            if self._access is None or self._access[1] < time.monotonic():
+        with _ACCESS_LOCK:
+            cached = _ACCESS.get((self.base, self.key))
+            if cached is None or cached[1] < time.monotonic():
                 try:
                     r = client.post(f"{self.base}/api/token/refresh/",
                                     json={"refresh": self.key}, timeout=self.timeout)
@@ -148,9 +149,14 @@ class ImageFetcher:
                     raise FetchError("image_fetch_failed", "could not reach Label Studio to "
                                      f"renew the access token: {type(exc).__name__}",
                                      502) from exc
-                if r.status_code != 200 or "access" not in r.json():
+                try:
+                    access = r.json().get("access") if r.status_code == 200 else None
+                except ValueError:  # not JSON: not Label Studio's token endpoint
+                    access = None
+                if not isinstance(access, str):
                     raise FetchError("image_fetch_unauthorized",
                                      f"Label Studio refused the personal access token "
                                      f"({r.status_code}): check PRELABEL_LABELSTUDIO_API_KEY", 502)
-                self._access = (str(r.json()["access"]), time.monotonic() + ACCESS_TOKEN_TTL_S)
-            return {"Authorization": f"Bearer {self._access[0]}"}
+                cached = (access, time.monotonic() + ACCESS_TOKEN_TTL_S)
+                _ACCESS[(self.base, self.key)] = cached
+            return {"Authorization": f"Bearer {cached[0]}"}

@@ -130,8 +130,10 @@ async def health() -> dict[str, str]:
     return {"status": "UP", "model_class": "prelabel"}
 
 
-def _fetcher(ctx: AppContext, link: LabelStudioLink, token: str | None = None) -> ImageFetcher:
-    return ImageFetcher(ctx.settings, base_url=link.hostname or "", api_key=token or "")
+def _fetcher(ctx: AppContext, link: LabelStudioLink) -> ImageFetcher:
+    # The key is ours (PRELABEL_LABELSTUDIO_API_KEY): the access_token /setup carries is not
+    # kept, and 1.23 sends a legacy token there that works only where those are enabled.
+    return ImageFetcher(ctx.settings, base_url=link.hostname or "")
 
 
 def setup(body: SetupIn, session: SessionDep) -> dict[str, str]:

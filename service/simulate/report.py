@@ -15,9 +15,9 @@ from service.simulate.run import Session
 class Costs:
     """Seconds per annotator action (flags of ``prelabel simulate``).
 
-    Box drawing: 7.0 s with extreme clicking (Papadopoulos et al., ICCV 2017), 25.5 s the
-    classic way (Su, Deng and Fei-Fei, HCOMP 2012); verifying a box: about 1.6 s
-    (Papadopoulos et al., CVPR 2016). The tag and edit costs are assumptions, not measurements.
+    Drawing a box: 7.0 s with extreme clicking (Papadopoulos et al., ICCV 2017; about 35 s for
+    a high-quality box drawn the classic way). The other costs are assumptions (verification
+    in the 1-2 s range), not measurements: see the README.
     """
 
     tag: float = 3.0  # choose a tag from the list
