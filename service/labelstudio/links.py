@@ -39,7 +39,7 @@ def webhook_project_key(project: Mapping[str, Any]) -> str:
     """The key Label Studio uses in /setup and /predict, rebuilt from a webhook's project."""
     pid = project.get("id")
     created = project.get("created_at")
-    if not isinstance(pid, int):
+    if not isinstance(pid, int) or isinstance(pid, bool) or not 1 <= pid <= MAX_ID:
         raise APIError(422, "invalid_project", "the webhook's project has no id")
     if isinstance(created, str):
         try:
@@ -50,11 +50,13 @@ def webhook_project_key(project: Mapping[str, Any]) -> str:
 
 
 def find_link(session: Session, key: str) -> LabelStudioLink | None:
-    """The link for a project key; a bare id matches the one link of that id."""
+    """The link for a project key. A bare id (a webhook without the project's creation time)
+    matches the one link of that id; a full key only itself (two Label Studio servers may
+    both have a project 9)."""
     link = session.scalar(select(LabelStudioLink).where(LabelStudioLink.ls_project == key))
-    if link is not None:
+    if link is not None or "." in key:
         return link
-    pid = key.split(".", 1)[0]
+    pid = key
     found = list(session.scalars(select(LabelStudioLink).where(
         (LabelStudioLink.ls_project == pid) | LabelStudioLink.ls_project.startswith(pid + "."))))
     return found[0] if len(found) == 1 else None

@@ -204,9 +204,9 @@ def _is_id(value: object) -> bool:
 
 def _link_of(body: WebhookIn, session: Session) -> tuple[LabelStudioLink, LabelMapping]:
     project = body.project or {}
-    if not isinstance(project.get("id"), int):
-        raise APIError(422, "invalid_project", "the webhook carries no project id")
-    return ensure_link(session, webhook_project_key(project), project.get("label_config"))
+    config = project.get("label_config")
+    return ensure_link(session, webhook_project_key(project),
+                       config if isinstance(config, str) else None)
 
 
 def _annotation_saved(body: WebhookIn, session: Session, ctx: AppContext) -> dict[str, Any]:
@@ -246,9 +246,7 @@ def _annotation_saved(body: WebhookIn, session: Session, ctx: AppContext) -> dic
 def _annotations_deleted(body: WebhookIn, session: Session) -> dict[str, Any]:
     """A deleted Label Studio annotation that gave an image its current label unlabels the
     image; its rows stay in the history."""
-    project = body.project or {}
-    link = find_link(session, webhook_project_key(project)) if isinstance(
-        project.get("id"), int) else None
+    link = find_link(session, webhook_project_key(body.project or {}))
     if link is None:
         raise APIError(404, "unknown_project", "the webhook's project is not connected")
     deleted = [a for a in (body.annotations or [body.annotation or {}]) if isinstance(a, dict)]
