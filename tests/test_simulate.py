@@ -52,8 +52,10 @@ def test_simulate_cards_subset(tmp_path: Path) -> None:
     assert summary["images"] == 42 and sorted(summary["classes"]) == sorted(RANKS)
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| labels given | 34 | 34 |" in (out / "summary.md").read_text()
+    logs = {s["order"]: [json.loads(line) for line in (out / f"{s['order']}.jsonl").open()]
+            for s in summary["sessions"]}
     for s in summary["sessions"]:
-        steps = [json.loads(line) for line in (out / f"{s['order']}.jsonl").open()]
+        steps = logs[s["order"]]
         # every pool image answered once; the counts add up
         assert len(steps) == s["labels"] == s["pool"] == 34 and s["holdout"] == 8
         assert len({st["image_id"] for st in steps}) == 34
@@ -74,3 +76,9 @@ def test_simulate_cards_subset(tmp_path: Path) -> None:
             assert c["metric"] is None or 0 <= c["metric"] <= 1
         time = s["annotator_seconds"]
         assert time["with_suggestions"] < time["without_suggestions"] == 34 * 3.0
+    # both orders start alike (upload order, no model); then uncertainty follows the model
+    first = summary["sessions"][0]["labels_until_first_suggestion"]
+    active, baseline = logs["uncertainty"], logs["random"]
+    assert [st["file"] for st in active[:first]] == [st["file"] for st in baseline[:first]]
+    assert all(st["uncertainty"] is not None for st in active[first:])
+    assert [st["file"] for st in active[first:]] != [st["file"] for st in baseline[first:]]

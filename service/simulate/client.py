@@ -97,12 +97,27 @@ class Client:
     def annotate(self, iid: int, body: dict[str, Any]) -> None:
         self.call("POST", f"/images/{iid}/annotations", json=body)
 
-    def upload(self, pid: int, name: str, data: bytes) -> dict[str, Any]:
+    def upload(self, pid: int, files: list[tuple[str, bytes]]) -> list[dict[str, Any]]:
+        """Upload images in one request; returns their rows in order."""
         result = self.call("POST", f"/projects/{pid}/images",
-                           files=[("files", (name, data, "application/octet-stream"))])
+                           files=[("files", (n, d, "application/octet-stream"))
+                                  for n, d in files])
         if result["errors"]:
-            raise SimulationError(f"upload of {name}: {result['errors'][0]}")
-        return dict(result["images"][0])
+            raise SimulationError(f"upload: {result['errors'][0]}")
+        return list(result["images"])
+
+    def wait_embedded(self, pid: int, timeout: float) -> float:
+        """Wait until the worker has embedded every image of a project (uncertainty and
+        suggestions of classification models read the embeddings); returns the seconds."""
+        start = time.monotonic()
+        while True:
+            stats = self.call("GET", f"/projects/{pid}/stats")
+            if stats["embedded"] >= stats["images"]:
+                return time.monotonic() - start
+            if time.monotonic() - start > timeout:
+                raise SimulationError(f"{stats['images'] - stats['embedded']} images were not "
+                                      f"embedded in {timeout:.0f} s")
+            time.sleep(0.5)
 
     def image_file(self, iid: int) -> bytes:
         return bytes(self.call("GET", f"/images/{iid}/file"))

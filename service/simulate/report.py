@@ -63,6 +63,7 @@ def summarize(session: Session, costs: Costs, after_labels: int | None = None) -
         "labels_until_first_suggestion": first,
         "accepted_after_first_model": _share(shown),
         "seconds": round(session.seconds, 1), "training_wait_s": round(session.training_wait_s, 1),
+        "embedding_wait_s": round(session.embedding_wait_s, 1),
         "checkpoints": session.checkpoints,
     }
     if after_labels is not None:

@@ -16,10 +16,12 @@ import numpy as np
 
 from models.detection_eval import detection_metrics
 from models.detection_types import Detections
-from service.simulate.client import Client
+from service.simulate.client import Client, SimulationError
 from service.simulate.compare import IOU_UNCHANGED, compare_boxes, tags_accepted
 
 ORDERS = ("uncertainty", "random", "file")
+# images per upload request (one embedding job per request), within the default body limit
+UPLOAD_BATCH, UPLOAD_BYTES = 64, 8 * 1024 * 1024
 CHECKPOINTS = (5, 10, 25, 50, 100)
 
 
@@ -60,11 +62,24 @@ class Session:
     checkpoints: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     training_wait_s: float = 0.0
+    embedding_wait_s: float = 0.0
 
 
 class _Target(NamedTuple):
     boxes: np.ndarray
     labels: np.ndarray
+
+
+def _batches(items: Sequence[Truth]) -> list[list[Truth]]:
+    out: list[list[Truth]] = [[]]
+    size = 0
+    for item in items:
+        if out[-1] and (len(out[-1]) >= UPLOAD_BATCH or size + len(item.data) > UPLOAD_BYTES):
+            out.append([])
+            size = 0
+        out[-1].append(item)
+        size += len(item.data)
+    return [b for b in out if b]
 
 
 def split_holdout(truth: Sequence[Truth], share: float, seed: int) -> tuple[list[Truth],
@@ -103,18 +118,28 @@ class Simulation:
         pool = list(self.pool)
         if self.config.order != "file":
             random.Random(f"upload-{self.config.seed}").shuffle(pool)
-        for item in pool:
-            image = self.client.upload(self.pid, item.name, item.data)
-            self.truth[image["id"]] = item
-            self.upload_order.append(image["id"])
+        for batch in _batches(pool):
+            rows = self.client.upload(self.pid, [(t.name, t.data) for t in batch])
+            for item, image in zip(batch, rows, strict=True):
+                self.truth[image["id"]] = item
+                self.upload_order.append(image["id"])
+        if len(self.truth) != len(pool):
+            raise SimulationError("the pool holds the same image twice")
+        if self.task != "detection":
+            # Labeling starts on a ready project: before its images are embedded a new model
+            # cannot score them, and order=uncertainty would fall back to upload order.
+            self.session.embedding_wait_s = self.client.wait_embedded(
+                self.pid, self.config.training_timeout)
 
     # -- the loop ----------------------------------------------------------------------------
 
-    def next_image(self, labeled: set[int]) -> int | None:
+    def next_image(self, labeled: set[int]) -> tuple[int, float | None] | None:
+        """The next image and, for ``uncertainty``, the uncertainty it was chosen by."""
         if self.config.order == "uncertainty":
             found = self.client.next_uncertain(self.pid)
-            return None if found is None else int(found["id"])
-        return next((i for i in self.upload_order if i not in labeled), None)
+            return None if found is None else (int(found["id"]), found["uncertainty"])
+        iid = next((i for i in self.upload_order if i not in labeled), None)
+        return None if iid is None else (iid, None)
 
     def run(self) -> Session:
         """Label until the pool (or ``max_labels``) is done; returns the session record."""
@@ -126,10 +151,13 @@ class Simulation:
         log = self.log_path.open("w") if self.log_path else None
         try:
             while len(labeled) < limit:
-                iid = self.next_image(labeled)
-                if iid is None:
+                picked = self.next_image(labeled)
+                if picked is None:
                     break
+                iid, uncertainty = picked
                 step = self.step(iid, len(labeled))
+                if self.config.order == "uncertainty":
+                    step["uncertainty"] = uncertainty
                 labeled.add(iid)
                 step["training_wait_s"] = round(
                     self.client.wait_training(self.pid, self.config.training_timeout), 2)
