@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,7 +104,6 @@ class Simulation:
         self.session = Session(config.order, task, classes, len(pool), len(holdout))
         self.truth: dict[int, Truth] = {}  # image id -> truth
         self.upload_order: list[int] = []
-        self.per_class: Counter[str] = Counter()
         self.pid = 0
 
     # -- setup -------------------------------------------------------------------------------
@@ -205,7 +203,6 @@ class Simulation:
             body["source"] = "suggestion_accepted" if accepted else "suggestion_corrected"
             body["suggestion_id"] = suggestion["suggestion_id"]
         self.client.annotate(iid, body)
-        self.per_class.update(set(truth.tags))
         return step
 
     # -- evaluation --------------------------------------------------------------------------
