@@ -9,7 +9,6 @@ are created at start (1.23 disables legacy tokens unless asked).
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
 import xml.etree.ElementTree as ET
@@ -18,6 +17,7 @@ from typing import Any
 
 import httpx
 
+from service.simulate.driver import free_port
 from tests.conftest import DATASETS, stop_group
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,12 +29,6 @@ def label_studio_bin() -> Path:
     """Where the Label Studio command is expected."""
     return Path(os.environ.get("PRELABEL_TEST_LABEL_STUDIO",
                                REPO / ".lsvenv" / "bin" / "label-studio"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _env(data_dir: Path) -> dict[str, str]:

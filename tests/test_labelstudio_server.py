@@ -21,8 +21,9 @@ import pytest
 
 from service.labelstudio.fetch import FetchError, ImageFetcher
 from service.settings import Settings
+from service.simulate.driver import free_port
 from tests.conftest import DATASETS, backend_values, env_for, stop_group
-from tests.labelstudio_server import TOKEN, LabelStudio, free_port, label_studio_bin, voc_result
+from tests.labelstudio_server import TOKEN, LabelStudio, label_studio_bin, voc_result
 
 pytestmark = pytest.mark.slow
 

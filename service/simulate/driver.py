@@ -25,14 +25,19 @@ from service.simulate.run import SimConfig, Simulation, split_holdout
 from service.simulate.truth import load_truth
 
 
+def free_port() -> int:
+    """A TCP port free right now on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 @contextmanager
 def embedded_server(env: dict[str, str] | None = None,
                     timeout: float = 300) -> Iterator[tuple[str, str]]:
     """``prelabel serve`` (API + worker) in a temporary data folder: (url, admin key)."""
     key = "sim-" + secrets.token_urlsafe(24)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with tempfile.TemporaryDirectory(prefix="prelabel-simulate-") as tmp:
         log_path = Path(tmp) / "serve.log"
         child_env = {k: v for k, v in os.environ.items() if not k.startswith("PRELABEL_")}
