@@ -73,7 +73,7 @@ def main() -> None:
                         help="detection training budget per run (default: the service's)")
     parser.add_argument("--checkpoints", default="5,10,25,50,100")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--orders", default="uncertainty,random")
+    parser.add_argument("--orders", default="uncertainty,diverse,random")
     args = parser.parse_args()
     env = {"PRELABEL_DEVICE": "cpu"}
     if args.train_seconds:

@@ -256,8 +256,8 @@ def simulate_cmd(
     out: Annotated[Path, typer.Option(help="folder for the logs, summary and plots")] = Path(
         "simulation"),
     order: Annotated[list[str], typer.Option(
-        help="uncertainty | random | file (repeat the flag for several sessions)")] = [  # noqa: B006
-        "uncertainty", "random"],
+        help="uncertainty | diverse | random | file (repeat the flag for several sessions)"
+    )] = ["uncertainty", "diverse", "random"],  # noqa: B006
     url: Annotated[str | None, typer.Option(
         help="a running prelabel; default: start one in a temporary folder")] = None,
     key: Annotated[str | None, typer.Option(help="its admin key (or PRELABEL_ADMIN_KEY)")] = None,

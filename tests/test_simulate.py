@@ -44,14 +44,15 @@ def test_simulate_cards_subset(tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, "-m", "service.cli", "simulate", str(dataset), "--format", "folders",
-         "--task", "multiclass", "--out", str(out), "--order", "uncertainty", "--order", "random",
+         "--task", "multiclass", "--out", str(out), "--order", "uncertainty", "--order", "diverse",
+         "--order", "random",
          "--checkpoints", "5,10", "--seed", "1"],
         cwd=REPO, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["images"] == 42 and sorted(summary["classes"]) == sorted(RANKS)
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| labels given | 34 | 34 |" in (out / "summary.md").read_text()
+    assert "| labels given | 34 | 34 | 34 |" in (out / "summary.md").read_text()
     logs = {s["order"]: [json.loads(line) for line in (out / f"{s['order']}.jsonl").open()]
             for s in summary["sessions"]}
     for s in summary["sessions"]:
@@ -82,3 +83,10 @@ def test_simulate_cards_subset(tmp_path: Path) -> None:
     assert [st["file"] for st in active[:first]] == [st["file"] for st in baseline[:first]]
     assert all(st["uncertainty"] is not None for st in active[first:])
     assert [st["file"] for st in active[first:]] != [st["file"] for st in baseline[first:]]
+    # diverse starts from the same first image, then spreads out (k-center before a model)
+    diverse = logs["diverse"]
+    first = next(s["labels_until_first_suggestion"] for s in summary["sessions"]
+                 if s["order"] == "diverse")
+    assert diverse[0]["file"] == baseline[0]["file"]
+    assert [st["file"] for st in diverse[:first]] != [st["file"] for st in baseline[:first]]
+    assert all(st["uncertainty"] is not None for st in diverse[first:])

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from service.context import AppContext
 from service.deps import AnnotatorKey, CtxDep, PathId, SessionDep, visible_image, visible_project
+from service.diverse_listing import diverse_page
 from service.errors import APIError
 from service.imaging import ImageInfo, ImageRejected, inspect_image
 from service.schemas import ImageOut, ImagePage, UploadedImage, UploadError, UploadResult
@@ -119,21 +120,27 @@ def _encode_cursor(offset: int) -> str:
 def list_images(
     pid: PathId, session: SessionDep, key: AnnotatorKey,
     status: Literal["unlabeled", "labeled"] | None = None,
-    order: Literal["created", "uncertainty"] = "created",
+    order: Literal["created", "uncertainty", "diverse"] = "created",
     limit: int = Query(50, ge=1, le=500),
     cursor: str | None = None,
 ) -> ImagePage:
-    """List images; ``order=uncertainty`` puts those the current model is least sure of first."""
+    """List images; ``order=uncertainty`` puts those the current model is least sure of first;
+    ``order=diverse`` (unlabeled only) reranks them so that near-copies of labeled images and of
+    each other drop back."""
     visible_project(session, key, pid)
     query = select(Image).where(Image.project_id == pid)
     if status is not None:
         query = query.where(Image.labeled.is_(status == "labeled"))
-    if order == "uncertainty":
-        query = query.order_by(Image.uncertainty.desc().nulls_last(), Image.id)
-    else:
-        query = query.order_by(Image.id)
     offset = _decode_cursor(cursor)
-    rows = list(session.scalars(query.offset(offset).limit(limit + 1)))
+    if order == "diverse":
+        if status != "unlabeled":
+            raise APIError(422, "order_needs_unlabeled",
+                           "order=diverse ranks unlabeled images: add status=unlabeled")
+        rows = diverse_page(session, pid, query, offset, limit + 1)
+    else:
+        query = query.order_by(Image.uncertainty.desc().nulls_last(), Image.id) \
+            if order == "uncertainty" else query.order_by(Image.id)
+        rows = list(session.scalars(query.offset(offset).limit(limit + 1)))
     more = len(rows) > limit
     return ImagePage(items=[image_out(r) for r in rows[:limit]],
                      next_cursor=_encode_cursor(offset + limit) if more else None)

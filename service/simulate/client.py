@@ -68,10 +68,11 @@ class Client:
             if not cursor:
                 return
 
-    def next_uncertain(self, pid: int) -> dict[str, Any] | None:
-        """The unlabeled image the promoted model is least sure of (upload order before one)."""
+    def next_listed(self, pid: int, order: str) -> dict[str, Any] | None:
+        """The first unlabeled image of the project's listing in ``order`` (``uncertainty``:
+        the one the promoted model is least sure of, upload order before a model)."""
         page = self.call("GET", f"/projects/{pid}/images",
-                         params={"status": "unlabeled", "order": "uncertainty", "limit": 1})
+                         params={"status": "unlabeled", "order": order, "limit": 1})
         return page["items"][0] if page["items"] else None
 
     def label(self, iid: int) -> dict[str, Any] | None:

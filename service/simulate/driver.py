@@ -21,7 +21,7 @@ import httpx
 
 from service.simulate.client import Client, SimulationError
 from service.simulate.report import Costs, compare_orders, plot, summarize
-from service.simulate.run import SimConfig, Simulation, split_holdout
+from service.simulate.run import LISTED_ORDERS, SimConfig, Simulation, split_holdout
 from service.simulate.truth import load_truth
 
 
@@ -98,9 +98,9 @@ def simulate(url: str, key: str, dataset: Path, fmt: str, task: str, orders: Seq
         "seed": config.seed, "holdout_share": holdout,
         "sessions": [summarize(s, costs, after) for s in sessions]}
     by_order = {s.order: s for s in sessions}
-    if "uncertainty" in by_order and "random" in by_order:
-        summary["uncertainty_vs_random"] = compare_orders(by_order["uncertainty"],
-                                                          by_order["random"])
+    if "random" in by_order:
+        summary["vs_random"] = {order: compare_orders(by_order[order], by_order["random"])
+                                for order in LISTED_ORDERS if order in by_order}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out_dir / "summary.md").write_text(markdown(summary, title or dataset.name))
     plot(sessions, title or dataset.name, out_dir / "curves.png")
@@ -148,10 +148,11 @@ def markdown(summary: dict[str, Any], title: str) -> str:
              "| | " + " | ".join(s["order"] for s in sessions) + " |",
              "|---|" + "---:|" * len(sessions)]
     lines += [f"| {name} | " + " | ".join(get(s) for s in sessions) + " |" for name, get in rows]
-    cmp = summary.get("uncertainty_vs_random")
-    if cmp and cmp.get("target") is not None:
+    for order, cmp in summary.get("vs_random", {}).items():
+        if cmp.get("target") is None:
+            continue
         lines += ["", f"Random order's final {metric} {cmp['target']:.3f} "
-                  f"(first reached at {cmp['baseline_labels_to_target']} labels); uncertainty "
+                  f"(first reached at {cmp['baseline_labels_to_target']} labels); {order} "
                   f"order reached it at {_fmt(cmp['active_labels_to_target'])} labels "
                   f"({_fmt(cmp['fewer_labels_share'], True)} fewer)."]
     return "\n".join(lines) + "\n"

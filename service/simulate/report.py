@@ -120,13 +120,18 @@ def compare_orders(active: Session, baseline: Session) -> dict[str, Any]:
 
 
 def acceptance_curve(session: Session, window: int = 20) -> tuple[list[int], list[float]]:
-    """Share of suggestions accepted over a sliding window of steps, against labels."""
+    """Share of suggestions accepted over a sliding window of steps (detection: share of the
+    true boxes accepted unchanged; whole images rarely are), against labels."""
     xs, ys = [], []
     shown = [s for s in session.steps if s["outcome"] != "absent"]
-    for end in range(window, len(shown) + 1, max(1, window // 4)):
+    window = min(window, len(shown))
+    for end in range(window, len(shown) + 1, max(1, window // 4)) if window else ():
         part = shown[end - window:end]
         xs.append(part[-1]["labels_before"])
-        ys.append(sum(s["outcome"] == "accepted" for s in part) / window)
+        if session.task == "detection":
+            ys.append(_box_share(part) or 0.0)
+        else:
+            ys.append(sum(s["outcome"] == "accepted" for s in part) / window)
     return xs, ys
 
 
@@ -148,7 +153,8 @@ def plot(sessions: Sequence[Session], title: str, path: Path) -> None:
     metric = next((c.get("metric_name") for s in sessions for c in s.checkpoints
                    if c.get("metric_name")), "metric")
     left.set(xlabel="labels", ylabel=f"{metric} on the held-out split", title=title)
-    right.set(xlabel="labels", ylabel="suggestions accepted unchanged (last 20)",
+    accepted = "boxes" if sessions and sessions[0].task == "detection" else "suggestions"
+    right.set(xlabel="labels", ylabel=f"{accepted} accepted unchanged (last 20 images)",
               title="acceptance", ylim=(0, 1.02))
     for ax in (left, right):
         ax.grid(alpha=0.3)

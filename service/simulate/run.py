@@ -18,7 +18,9 @@ from models.detection_types import Detections
 from service.simulate.client import Client, SimulationError
 from service.simulate.compare import IOU_UNCHANGED, compare_boxes, tags_accepted
 
-ORDERS = ("uncertainty", "random", "file")
+ORDERS = ("uncertainty", "diverse", "random", "file")
+# orders the project listing picks by (the others the annotator picks by itself)
+LISTED_ORDERS = ("uncertainty", "diverse")
 # images per upload request (one embedding job per request), within the default body limit
 UPLOAD_BATCH, UPLOAD_BYTES = 64, 8 * 1024 * 1024
 CHECKPOINTS = (5, 10, 25, 50, 100)
@@ -123,18 +125,18 @@ class Simulation:
                 self.upload_order.append(image["id"])
         if len(self.truth) != len(pool):
             raise SimulationError("the pool holds the same image twice")
-        if self.task != "detection":
-            # Labeling starts on a ready project: before its images are embedded a new model
-            # cannot score them, and order=uncertainty would fall back to upload order.
-            self.session.embedding_wait_s = self.client.wait_embedded(
-                self.pid, self.config.training_timeout)
+        # Labeling starts on a ready project: before its images are embedded a new
+        # classification model cannot score them (order=uncertainty would fall back to upload
+        # order), and order=diverse reads the embeddings.
+        self.session.embedding_wait_s = self.client.wait_embedded(
+            self.pid, self.config.training_timeout)
 
     # -- the loop ----------------------------------------------------------------------------
 
     def next_image(self, labeled: set[int]) -> tuple[int, float | None] | None:
-        """The next image and, for ``uncertainty``, the uncertainty it was chosen by."""
-        if self.config.order == "uncertainty":
-            found = self.client.next_uncertain(self.pid)
+        """The next image and, for listed orders, the uncertainty it was chosen by."""
+        if self.config.order in LISTED_ORDERS:
+            found = self.client.next_listed(self.pid, self.config.order)
             return None if found is None else (int(found["id"]), found["uncertainty"])
         iid = next((i for i in self.upload_order if i not in labeled), None)
         return None if iid is None else (iid, None)
@@ -154,7 +156,7 @@ class Simulation:
                     break
                 iid, uncertainty = picked
                 step = self.step(iid, len(labeled))
-                if self.config.order == "uncertainty":
+                if self.config.order in LISTED_ORDERS:
                     step["uncertainty"] = uncertainty
                 labeled.add(iid)
                 step["training_wait_s"] = round(
