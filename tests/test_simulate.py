@@ -71,6 +71,14 @@ def test_simulate_cards_subset(tmp_path: Path) -> None:
             shown.count("accepted") / len(shown), abs=1e-4)
         assert s["accepted_after_first_model"] >= 0.5  # acceptance rises from 0 with a model
         assert all(st["suggested_tags"] for st in steps[first:])
+        # acceptance by confidence: fewer suggestions at each higher cut, counted from the steps
+        conf = [(st["confidence"], st["outcome"]) for st in steps[first:]
+                if st["labels_before"] >= s["after_labels"]]
+        for row in s["accepted_by_confidence"]:
+            sure = [o for c, o in conf if c >= row["min_confidence"]]
+            assert row["share_of_suggestions"] == pytest.approx(len(sure) / len(conf), abs=1e-4)
+            assert row["accepted"] == (pytest.approx(sure.count("accepted") / len(sure), abs=1e-4)
+                                       if sure else None)
         assert [c["labels_per_class"] for c in s["checkpoints"]] == [5, 10]
         for c in s["checkpoints"]:  # a metric once the policy's first model exists
             assert (c["metric"] is None) == (c["labels"] < first), c

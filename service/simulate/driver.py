@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 
 from service.simulate.client import Client, SimulationError
-from service.simulate.report import Costs, compare_orders, plot, summarize
+from service.simulate.report import CONFIDENCE_CUTS, Costs, compare_orders, plot, summarize
 from service.simulate.run import LISTED_ORDERS, SimConfig, Simulation, split_holdout
 from service.simulate.truth import load_truth
 
@@ -114,6 +114,10 @@ def _fmt(value: Any, pct: bool = False) -> str:
         else str(value)
 
 
+def _confident(row: dict[str, Any]) -> str:
+    return f"{_fmt(row['share_of_suggestions'], True)}, {_fmt(row['accepted'], True)}"
+
+
 def markdown(summary: dict[str, Any], title: str) -> str:
     """The summary as a Markdown table (one column per order)."""
     sessions = summary["sessions"]
@@ -132,6 +136,10 @@ def markdown(summary: dict[str, Any], title: str) -> str:
                      lambda s: _fmt(s.get("boxes_unchanged_after_first_model"), True)))
         rows.append((f"... after {sessions[0].get('after_labels')} labels",
                      lambda s: _fmt(s.get("boxes_unchanged_after"), True)))
+    else:
+        for i, cut in enumerate(CONFIDENCE_CUTS):
+            rows.append((f"... of those, at confidence >= {cut}: share shown, accepted",
+                         lambda s, i=i: _confident(s["accepted_by_confidence"][i])))
     rows.append(("annotator time saved (cost model)",
                  lambda s: _fmt(s["annotator_seconds"]["saved_share"], True)))
     cps = sorted({c["labels_per_class"] for s in sessions for c in s["checkpoints"]})

@@ -10,6 +10,9 @@ from typing import Any
 
 from service.simulate.run import Session
 
+# confidence cuts the summary breaks classification acceptance down by
+CONFIDENCE_CUTS = (0.5, 0.7, 0.9)
+
 
 @dataclass(frozen=True)
 class Costs:
@@ -72,8 +75,11 @@ def summarize(session: Session, costs: Costs, after_labels: int | None = None) -
         out["accepted_after"] = _share(late)
         if detection:
             out["boxes_unchanged_after"] = _box_share(late)
+        else:
+            out["accepted_by_confidence"] = by_confidence(late)
     if detection:
         out["boxes_unchanged_after_first_model"] = _box_share(shown)
+
     manual = assisted = 0.0
     for s in steps:
         m, a = step_seconds(s, costs, detection)
@@ -82,6 +88,19 @@ def summarize(session: Session, costs: Costs, after_labels: int | None = None) -
                                 "with_suggestions": round(assisted, 1),
                                 "saved_share": round(1 - assisted / manual, 4) if manual else None,
                                 "costs": asdict(costs)}
+    return out
+
+
+def by_confidence(shown: Sequence[dict[str, Any]],
+                  cuts: Sequence[float] = CONFIDENCE_CUTS) -> list[dict[str, Any]]:
+    """Per confidence cut: the share of suggestions at or above it and how many of those were
+    accepted (what a UI that only pre-fills confident tags would show and get)."""
+    out = []
+    for cut in cuts:
+        sure = [s for s in shown if s.get("confidence") is not None and s["confidence"] >= cut]
+        out.append({"min_confidence": cut,
+                    "share_of_suggestions": round(len(sure) / len(shown), 4) if shown else None,
+                    "accepted": _share(sure)})
     return out
 
 

@@ -201,6 +201,9 @@ class Simulation:
                 tags = [t["label"] for t in suggestion["tags"]]
                 accepted = tags_accepted(tags, truth.tags)
                 step["suggested_tags"] = tags
+                # how sure the model said it was: acceptance by confidence is in the summary
+                step["confidence"] = min((t["confidence"] for t in suggestion["tags"]),
+                                         default=None)
             step["outcome"] = "accepted" if accepted else "corrected"
             body["source"] = "suggestion_accepted" if accepted else "suggestion_corrected"
             body["suggestion_id"] = suggestion["suggestion_id"]
