@@ -12,12 +12,13 @@ Writes ``benchmarks/results/simulate/<scenario>/`` (``summary.{json,md}``, ``cur
 ``<order>.jsonl`` step log per order) and prints the summaries; it never asserts.
 
     .venv/bin/python benchmarks/simulate.py cards-classification [--max-labels N]
-        [--train-seconds S] [--checkpoints 5,10,25,50,100] [--seed 0]
+        [--train-seconds S] [--checkpoints 5,10,25,50,100] [--seeds 0,1,2]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -26,6 +27,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.core_loop import RESULTS, log
+from service.simulate.aggregate import aggregate
+from service.simulate.aggregate import markdown as aggregate_markdown
+from service.simulate.aggregate import plot as plot_aggregate
 from service.simulate.driver import embedded_server, simulate
 from service.simulate.report import Costs
 from service.simulate.run import SimConfig
@@ -72,23 +76,36 @@ def main() -> None:
     parser.add_argument("--train-seconds", type=float, default=None,
                         help="detection training budget per run (default: the service's)")
     parser.add_argument("--checkpoints", default="5,10,25,50,100")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0",
+                        help="comma-separated; several: one folder per seed plus their means")
     parser.add_argument("--orders", default="uncertainty,diverse,random")
     args = parser.parse_args()
     env = {"PRELABEL_DEVICE": "cpu"}
     if args.train_seconds:
         env["PRELABEL_DETECTION_TRAIN_SECONDS"] = str(args.train_seconds)
-    config = SimConfig(seed=args.seed, max_labels=args.max_labels,
-                       checkpoints=tuple(int(c) for c in args.checkpoints.split(",")))
+    seeds = [int(s) for s in args.seeds.split(",")]
+    checkpoints = tuple(int(c) for c in args.checkpoints.split(","))
     out = RESULTS / "simulate" / args.scenario
+    folders = {seed: out / f"seed-{seed}" if len(seeds) > 1 else out for seed in seeds}
     with tempfile.TemporaryDirectory(prefix="prelabel-sim-data-") as tmp:
         dataset, fmt, task = dataset_for(args.scenario, Path(tmp))
         log(f"{args.scenario}: {dataset} ({fmt}, {task})")
-        with embedded_server(env) as (url, key):
-            simulate(url, key, dataset, fmt, task, args.orders.split(","), out, config,
-                     Costs(), title=args.scenario)
-    print((out / "summary.md").read_text())
-
+        for seed, folder in folders.items():
+            # a fresh server per seed: no model or queue state carries over
+            with embedded_server(env) as (url, key):
+                simulate(url, key, dataset, fmt, task, args.orders.split(","), folder,
+                         SimConfig(seed=seed, max_labels=args.max_labels,
+                                   checkpoints=checkpoints), Costs(),
+                         title=f"{args.scenario}, seed {seed}")
+            print((folder / "summary.md").read_text())
+    if len(seeds) > 1:
+        classes = json.loads((folders[seeds[0]] / "summary.json").read_text())["classes"]
+        # acceptance per 10 images (detection) or per 5 labels per class
+        agg = aggregate(list(folders.values()), 10 if task == "detection" else 5 * len(classes))
+        (out / "summary.json").write_text(json.dumps(agg, indent=2) + "\n")
+        (out / "summary.md").write_text(aggregate_markdown(agg, args.scenario))
+        plot_aggregate(agg, args.scenario, out / "curves.png")
+        print((out / "summary.md").read_text())
 
 if __name__ == "__main__":
     main()

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from service.simulate.aggregate import aggregate
+from service.simulate.aggregate import markdown as aggregate_markdown
 from service.simulate.compare import compare_boxes
 from tests.conftest import REPO
 from tests.images import card_crops
@@ -98,3 +100,14 @@ def test_simulate_cards_subset(tmp_path: Path) -> None:
     assert diverse[0]["file"] == baseline[0]["file"]
     assert [st["file"] for st in diverse[:first]] != [st["file"] for st in baseline[:first]]
     assert all(st["uncertainty"] is not None for st in diverse[first:])
+
+    # the means over seeds (here the same run twice) are that run's figures
+    agg = aggregate([out, out], bin_width=15)
+    for s in summary["sessions"]:
+        mean = agg["orders"][s["order"]]
+        assert mean["accepted_after_first_model"] == s["accepted_after_first_model"]
+        assert [c["mean"] for c in mean["metric"]] == [c["metric"] for c in s["checkpoints"]]
+        assert [c["labels"] for c in mean["acceptance"]] == [30, 45][:len(mean["acceptance"])]
+    assert agg["vs_random"]["diverse"]["random_labels"] == summary["vs_random"]["diverse"][
+        "baseline_labels_to_target"]
+    assert "| labels until suggestions first appear |" in aggregate_markdown(agg, "cards")

@@ -20,7 +20,15 @@ from typing import Any
 import httpx
 
 from service.simulate.client import Client, SimulationError
-from service.simulate.report import CONFIDENCE_CUTS, Costs, compare_orders, plot, summarize
+from service.simulate.report import (
+    CONFIDENCE_CUTS,
+    Costs,
+    compare_orders,
+    fewer_text,
+    fmt,
+    plot,
+    summarize,
+)
 from service.simulate.run import LISTED_ORDERS, SimConfig, Simulation, split_holdout
 from service.simulate.truth import load_truth
 
@@ -107,15 +115,8 @@ def simulate(url: str, key: str, dataset: Path, fmt: str, task: str, orders: Seq
     return summary
 
 
-def _fmt(value: Any, pct: bool = False) -> str:
-    if value is None:
-        return "-"
-    return f"{100 * value:.1f}%" if pct else f"{value:.3f}" if isinstance(value, float) \
-        else str(value)
-
-
 def _confident(row: dict[str, Any]) -> str:
-    return f"{_fmt(row['share_of_suggestions'], True)}, {_fmt(row['accepted'], True)}"
+    return f"{fmt(row['share_of_suggestions'], True)}, {fmt(row['accepted'], True)}"
 
 
 def markdown(summary: dict[str, Any], title: str) -> str:
@@ -123,30 +124,30 @@ def markdown(summary: dict[str, Any], title: str) -> str:
     sessions = summary["sessions"]
     detection = summary["task"] == "detection"
     rows = [
-        ("labels given", lambda s: _fmt(s["labels"])),
+        ("labels given", lambda s: fmt(s["labels"])),
         ("labels until suggestions first appear",
-         lambda s: _fmt(s["labels_until_first_suggestion"])),
+         lambda s: fmt(s["labels_until_first_suggestion"])),
         ("suggestions accepted unchanged, after the first model",
-         lambda s: _fmt(s["accepted_after_first_model"], True)),
+         lambda s: fmt(s["accepted_after_first_model"], True)),
         (f"... after {sessions[0].get('after_labels')} labels",
-         lambda s: _fmt(s.get("accepted_after"), True)),
+         lambda s: fmt(s.get("accepted_after"), True)),
     ]
     if detection:
         rows.append(("boxes accepted unchanged, after the first model",
-                     lambda s: _fmt(s.get("boxes_unchanged_after_first_model"), True)))
+                     lambda s: fmt(s.get("boxes_unchanged_after_first_model"), True)))
         rows.append((f"... after {sessions[0].get('after_labels')} labels",
-                     lambda s: _fmt(s.get("boxes_unchanged_after"), True)))
+                     lambda s: fmt(s.get("boxes_unchanged_after"), True)))
     else:
         for i, cut in enumerate(CONFIDENCE_CUTS):
             rows.append((f"... of those, at confidence >= {cut}: share shown, accepted",
                          lambda s, i=i: _confident(s["accepted_by_confidence"][i])))
     rows.append(("annotator time saved (cost model)",
-                 lambda s: _fmt(s["annotator_seconds"]["saved_share"], True)))
+                 lambda s: fmt(s["annotator_seconds"]["saved_share"], True)))
     cps = sorted({c["labels_per_class"] for s in sessions for c in s["checkpoints"]})
     metric = "mAP@.5" if detection else "accuracy"
     for k in cps:
         rows.append((f"{metric} after {k} labels per class",
-                     lambda s, k=k: _fmt(next((c["metric"] for c in s["checkpoints"]
+                     lambda s, k=k: fmt(next((c["metric"] for c in s["checkpoints"]
                                                if c["labels_per_class"] == k), None))))
     rows.append(("wall time (s), of which training waits",
                  lambda s: f"{s['seconds']:.0f}, {s['training_wait_s']:.0f}"))
@@ -161,6 +162,6 @@ def markdown(summary: dict[str, Any], title: str) -> str:
             continue
         lines += ["", f"Random order's final {metric} {cmp['target']:.3f} "
                   f"(first reached at {cmp['baseline_labels_to_target']} labels); {order} "
-                  f"order reached it at {_fmt(cmp['active_labels_to_target'])} labels "
-                  f"({_fmt(cmp['fewer_labels_share'], True)} fewer)."]
+                  f"order reached it at {fmt(cmp['active_labels_to_target'])} labels "
+                  f"({fewer_text(cmp['fewer_labels_share'])})."]
     return "\n".join(lines) + "\n"

@@ -53,6 +53,21 @@ def step_seconds(step: dict[str, Any], costs: Costs, detection: bool) -> tuple[f
     return manual, costs.verify_tag + manual
 
 
+def fmt(value: Any, pct: bool = False) -> str:
+    """A figure for a table: - when missing, a percentage, 3 decimals or as is."""
+    if value is None:
+        return "-"
+    return f"{100 * value:.1f}%" if pct else f"{value:.3f}" if isinstance(value, float) \
+        else str(value)
+
+
+def fewer_text(share: float | None) -> str:
+    """1 - labels needed / baseline labels, in words."""
+    if share is None:
+        return "not reached"
+    return f"{100 * share:.1f}% fewer" if share >= 0 else f"{-100 * share:.1f}% more"
+
+
 def summarize(session: Session, costs: Costs, after_labels: int | None = None) -> dict[str, Any]:
     """The figures of one session. ``after_labels``: also the acceptance from that many
     labels on (e.g. 5 per class, or 50 images)."""
@@ -79,7 +94,6 @@ def summarize(session: Session, costs: Costs, after_labels: int | None = None) -
             out["accepted_by_confidence"] = by_confidence(late)
     if detection:
         out["boxes_unchanged_after_first_model"] = _box_share(shown)
-
     manual = assisted = 0.0
     for s in steps:
         m, a = step_seconds(s, costs, detection)
