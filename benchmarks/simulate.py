@@ -12,7 +12,8 @@ Writes ``benchmarks/results/simulate/<scenario>/`` (``summary.{json,md}``, ``cur
 ``<order>.jsonl`` step log per order) and prints the summaries; it never asserts.
 
     .venv/bin/python benchmarks/simulate.py cards-classification [--max-labels N]
-        [--train-seconds S] [--checkpoints 5,10,25,50,100] [--seeds 0,1,2]
+        [--train-seconds S] [--min-images-per-class N] [--checkpoints 5,10,25,50,100]
+        [--seeds 0,1,2]
 """
 
 from __future__ import annotations
@@ -76,6 +77,9 @@ def main() -> None:
     parser.add_argument("--train-seconds", type=float, default=None,
                         help="detection training budget per run (default: the service's)")
     parser.add_argument("--checkpoints", default="5,10,25,50,100")
+    parser.add_argument("--min-images-per-class", type=int, default=None,
+                        help="detection policy: images per class before a first model "
+                             "(default: the service's 15)")
     parser.add_argument("--seeds", default="0",
                         help="comma-separated; several: one folder per seed plus their means")
     parser.add_argument("--orders", default="uncertainty,diverse,random")
@@ -83,6 +87,8 @@ def main() -> None:
     env = {"PRELABEL_DEVICE": "cpu"}
     if args.train_seconds:
         env["PRELABEL_DETECTION_TRAIN_SECONDS"] = str(args.train_seconds)
+    if args.min_images_per_class:
+        env["PRELABEL_MIN_LABELS_PER_CLASS_DETECTION"] = str(args.min_images_per_class)
     seeds = [int(s) for s in args.seeds.split(",")]
     checkpoints = tuple(int(c) for c in args.checkpoints.split(","))
     out = RESULTS / "simulate" / args.scenario

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from service.simulate.report import fewer_text, fmt
+from service.simulate.report import fewer_text, fmt, save_panels, two_panels
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
@@ -129,12 +129,7 @@ def markdown(agg: dict[str, Any], title: str) -> str:
 
 def plot(agg: dict[str, Any], title: str, path: Path) -> None:
     """Mean metric (with the seeds' range) and mean acceptance against labels (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, left, right = two_panels()
     for order, o in agg["orders"].items():
         pts = [c for c in o["metric"] if c["mean"] is not None]
         if pts:
@@ -153,10 +148,4 @@ def plot(agg: dict[str, Any], title: str, path: Path) -> None:
              title=title)
     right.set(xlabel="labels", ylabel=f"{accepted} accepted unchanged "
               f"(per {agg['bin_width']} labels)", title="acceptance", ylim=(0, 1.02))
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_panels(fig, path)

@@ -168,14 +168,34 @@ def acceptance_curve(session: Session, window: int = 20) -> tuple[list[int], lis
     return xs, ys
 
 
-def plot(sessions: Sequence[Session], title: str, path: Path) -> None:
-    """Metric and acceptance against labels, one line per order (PNG)."""
+def two_panels() -> tuple[Any, Any, Any]:
+    """A figure with two side-by-side axes (metric, acceptance), drawn without a display."""
     import matplotlib
 
-    matplotlib.use("Agg")  # no display
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    return fig, left, right
+
+
+def save_panels(fig: Any, path: Path) -> None:
+    """Grid and legends on every axis; the figure written as a PNG and closed."""
+    import matplotlib.pyplot as plt
+
+    for ax in fig.axes:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:  # no line: nothing to name
+            ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot(sessions: Sequence[Session], title: str, path: Path) -> None:
+    """Metric and acceptance against labels, one line per order (PNG)."""
+    fig, left, right = two_panels()
     for s in sessions:
         pts = [(c["labels"], c["metric"]) for c in s.checkpoints if c["metric"] is not None]
         if pts:
@@ -189,10 +209,4 @@ def plot(sessions: Sequence[Session], title: str, path: Path) -> None:
     accepted = "boxes" if sessions and sessions[0].task == "detection" else "suggestions"
     right.set(xlabel="labels", ylabel=f"{accepted} accepted unchanged (last 20 images)",
               title="acceptance", ylim=(0, 1.02))
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_panels(fig, path)
