@@ -15,7 +15,7 @@ from service.tables import Embedding, Image
 # of a small pool, cards classification (one seed) picked far-off outliers first, and its
 # first model came 18 labels later than in upload order (55 against 37).
 CANDIDATES = 64
-# the most recently labeled images stand for what is covered (bounds the request's memory:
+# the newest labeled images (by id) stand for what is covered (bounds the request's memory:
 # 2000 x 1280 float32 = 10 MB)
 MAX_CENTERS = 2000
 

@@ -15,7 +15,7 @@ from service.settings import Settings
 from service.storage import LocalBlobStore, sha256_hex
 from service.tables import ModelVersion, Project, TrainingRun
 from workers.context import WorkerContext
-from workers.evaluation import Candidate, assign_folds, compare_with_promoted
+from workers.evaluation import Candidate, assign_folds, compare_with_promoted, worse_share
 from workers.labeled import LabeledSet
 
 CLASSES = ["a", "b", "c"]
@@ -80,6 +80,14 @@ def test_worse_candidate_is_kept_unpromoted(ctx: WorkerContext) -> None:
         bad = Candidate("frozen_linear", params, np.arange(60), rows, wrong)
         ok, note = compare_with_promoted(ctx, session, current, "multiclass", CLASSES, data, bad)
         assert not ok and "worse" in note and "30 labeled images" in note, note
+        assert "lower in 100% of paired resamples" in note
+        # one miss more than the promoted model on 30 images is within noise: promoted
+        one_miss = np.eye(3, dtype=np.float32)[data.y[rows]]
+        one_miss[0] = np.roll(one_miss[0], 1)
+        close = Candidate("frozen_linear", params, np.arange(60), rows, one_miss)
+        ok, note = compare_with_promoted(ctx, session, current, "multiclass", CLASSES, data,
+                                         close)
+        assert ok and note.startswith("promoted, lower within noise") and "0.9667" in note, note
         # images the promoted model trained on are never used to judge it
         seen_only = Candidate("frozen_linear", params, np.arange(60), np.arange(30),
                               wrong[:30])
@@ -99,3 +107,17 @@ def test_folds_are_stable_and_stratified() -> None:
     assert (again == folds).all()
     tiny = LabeledSet(data.image_ids[:4], data.sha256[:4], data.x[:4], np.array([0, 0, 0, 1]))
     assert assign_folds(tiny, "multiclass")[1] == 0  # a class with one label: no CV
+
+
+def test_worse_share_is_paired_bootstrap() -> None:
+    rng = np.random.default_rng(1)
+    y = np.arange(40) % 4
+    right = np.eye(4)[y] * 0.7 + 0.075
+    wrong = np.roll(right, 1, axis=1)
+    assert worse_share("multiclass", y, wrong, right) == 1.0
+    assert worse_share("multiclass", y, right, wrong) == 0.0
+    assert worse_share("multiclass", y, right, right) == 0.0  # a tie is not lower
+    tags = (rng.random((40, 5)) < 0.4).astype(int)
+    good, noise = tags * 0.8 + 0.1, rng.random((40, 5))
+    assert worse_share("multilabel", tags, noise, good) == 1.0
+    assert worse_share("multilabel", tags, good, noise) == 0.0
