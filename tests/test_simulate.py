@@ -110,4 +110,8 @@ def test_simulate_cards_subset(tmp_path: Path) -> None:
         assert [c["labels"] for c in mean["acceptance"]] == [30, 45][:len(mean["acceptance"])]
     assert agg["vs_random"]["diverse"]["random_labels"] == summary["vs_random"]["diverse"][
         "baseline_labels_to_target"]
+    assert agg["labels_to_level"][-1]["labels"]["random"] == agg["vs_random"]["diverse"][
+        "random_labels"]  # 100% of random order's final accuracy: where random reached it
+    assert [row["level"] for row in agg["labels_to_level"]] == sorted(
+        row["level"] for row in agg["labels_to_level"])
     assert "| labels until suggestions first appear |" in aggregate_markdown(agg, "cards")

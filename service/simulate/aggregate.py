@@ -12,6 +12,9 @@ import numpy as np
 
 from service.simulate.report import fewer_text, fmt, save_panels, two_panels
 
+# levels, as shares of random order's final metric, that the labels needed are compared at
+LEVELS = (0.8, 0.9, 0.95, 1.0)
+
 
 def _mean(values: Sequence[float | None]) -> float | None:
     got = [v for v in values if v is not None]
@@ -79,6 +82,12 @@ def aggregate(seed_dirs: Sequence[Path], bin_width: int) -> dict[str, Any]:
             "random_labels": _labels_to(random["metric"], final)["labels"]}
             for o, v in out["orders"].items() if o != "random"}
         out["random_final_metric"] = final
+        # fewer labels to the same accuracy, at several levels below random order's final one
+        out["labels_to_level"] = [
+            {"level": round(share * final, 4), "share_of_random_final": share,
+             "labels": {o: _labels_to(v["metric"], share * final)["labels"]
+                        for o, v in out["orders"].items()}}
+            for share in LEVELS] if final is not None else []
     return out
 
 
@@ -107,6 +116,10 @@ def markdown(agg: dict[str, Any], title: str) -> str:
                      [fmt(o["boxes_unchanged_after"], True) for o in orders.values()]))
     rows.append(("annotator time saved (cost model)",
                  [fmt(o["saved_share"], True) for o in orders.values()]))
+    for row in agg.get("labels_to_level", []):
+        rows.append((f"labels to a mean {metric} of {row['level']:.3f} "
+                     f"({row['share_of_random_final']:.0%} of random's final)",
+                     [str(row["labels"][o] or "-") for o in names]))
     for i, point in enumerate(orders[names[0]]["metric"]):
         rows.append((f"{metric} after {point['labels']} labels (mean)",
                      [fmt(o["metric"][i]["mean"]) if i < len(o["metric"]) else "-"
