@@ -105,7 +105,7 @@ def markdown(agg: dict[str, Any], title: str) -> str:
 
     rows = [("labels until suggestions first appear",
              ["-" if o["labels_until_first_suggestion"] is None
-              else f"{o['labels_until_first_suggestion']:g}"
+              else f"{o['labels_until_first_suggestion']:.1f}"
               for o in orders.values()]),
             ("suggestions accepted unchanged, after the first model",
              [fmt(o["accepted_after_first_model"], True) for o in orders.values()]),
