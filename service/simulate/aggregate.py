@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from service.simulate.report import fewer_text, fmt, save_panels, two_panels
+from service.simulate.report import confident_text, fewer_text, fmt, save_panels, two_panels
 
 # levels, as shares of random order's final metric, that the labels needed are compared at
 LEVELS = (0.8, 0.9, 0.95, 1.0)
@@ -70,6 +70,12 @@ def aggregate(seed_dirs: Sequence[Path], bin_width: int) -> dict[str, Any]:
             "after_labels": sessions[0].get("after_labels"),
             "boxes_unchanged_after": _mean([x.get("boxes_unchanged_after") for x in sessions]),
             "saved_share": _mean([x["annotator_seconds"]["saved_share"] for x in sessions]),
+            "accepted_by_confidence": [
+                {"min_confidence": rows[0]["min_confidence"],
+                 "share_of_suggestions": _mean([r["share_of_suggestions"] for r in rows]),
+                 "accepted": _mean([r["accepted"] for r in rows])}
+                for rows in zip(*[x.get("accepted_by_confidence", []) for x in sessions],
+                                strict=True)],
             "metric": curve,
             "acceptance": [{"labels": e, "mean": _mean([b.get(e) for b in bins])}
                            for e in ends],
@@ -114,6 +120,10 @@ def markdown(agg: dict[str, Any], title: str) -> str:
     if agg["task"] == "detection":
         rows.append((f"boxes accepted unchanged after {orders[names[0]]['after_labels']} labels",
                      [fmt(o["boxes_unchanged_after"], True) for o in orders.values()]))
+    for i, cut in enumerate(orders[names[0]]["accepted_by_confidence"]):
+        rows.append((f"... of those, at confidence >= {cut['min_confidence']}: share shown, "
+                     "accepted", [confident_text(o["accepted_by_confidence"][i])
+                                  for o in orders.values()]))
     rows.append(("annotator time saved (cost model)",
                  [fmt(o["saved_share"], True) for o in orders.values()]))
     for row in agg.get("labels_to_level", []):

@@ -24,6 +24,7 @@ from service.simulate.report import (
     CONFIDENCE_CUTS,
     Costs,
     compare_orders,
+    confident_text,
     fewer_text,
     fmt,
     plot,
@@ -115,10 +116,6 @@ def simulate(url: str, key: str, dataset: Path, fmt: str, task: str, orders: Seq
     return summary
 
 
-def _confident(row: dict[str, Any]) -> str:
-    return f"{fmt(row['share_of_suggestions'], True)}, {fmt(row['accepted'], True)}"
-
-
 def markdown(summary: dict[str, Any], title: str) -> str:
     """The summary as a Markdown table (one column per order)."""
     sessions = summary["sessions"]
@@ -140,7 +137,7 @@ def markdown(summary: dict[str, Any], title: str) -> str:
     else:
         for i, cut in enumerate(CONFIDENCE_CUTS):
             rows.append((f"... of those, at confidence >= {cut}: share shown, accepted",
-                         lambda s, i=i: _confident(s["accepted_by_confidence"][i])))
+                         lambda s, i=i: confident_text(s["accepted_by_confidence"][i])))
     rows.append(("annotator time saved (cost model)",
                  lambda s: fmt(s["annotator_seconds"]["saved_share"], True)))
     cps = sorted({c["labels_per_class"] for s in sessions for c in s["checkpoints"]})

@@ -68,6 +68,11 @@ def fewer_text(share: float | None) -> str:
     return f"{100 * share:.1f}% fewer" if share >= 0 else f"{-100 * share:.1f}% more"
 
 
+def confident_text(row: dict[str, Any]) -> str:
+    """A confidence cut's share of suggestions and their acceptance, for a table."""
+    return f"{fmt(row['share_of_suggestions'], True)}, {fmt(row['accepted'], True)}"
+
+
 def summarize(session: Session, costs: Costs, after_labels: int | None = None) -> dict[str, Any]:
     """The figures of one session. ``after_labels``: also the acceptance from that many
     labels on (e.g. 5 per class, or 50 images)."""
