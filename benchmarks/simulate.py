@@ -19,7 +19,6 @@ Writes ``benchmarks/results/simulate/<scenario>/`` (``summary.{json,md}``, ``cur
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -28,9 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.core_loop import RESULTS, log
-from service.simulate.aggregate import aggregate
-from service.simulate.aggregate import markdown as aggregate_markdown
-from service.simulate.aggregate import plot as plot_aggregate
+from service.simulate.aggregate import write_aggregate
 from service.simulate.driver import embedded_server, simulate
 from service.simulate.report import Costs
 from service.simulate.run import SimConfig
@@ -105,13 +102,9 @@ def main() -> None:
                          title=f"{args.scenario}, seed {seed}")
             print((folder / "summary.md").read_text())
     if len(seeds) > 1:
-        classes = json.loads((folders[seeds[0]] / "summary.json").read_text())["classes"]
-        # acceptance per 10 images (detection) or per 5 labels per class
-        agg = aggregate(list(folders.values()), 10 if task == "detection" else 5 * len(classes))
-        (out / "summary.json").write_text(json.dumps(agg, indent=2) + "\n")
-        (out / "summary.md").write_text(aggregate_markdown(agg, args.scenario))
-        plot_aggregate(agg, args.scenario, out / "curves.png")
+        write_aggregate(out, list(folders.values()), args.scenario)
         print((out / "summary.md").read_text())
+
 
 if __name__ == "__main__":
     main()

@@ -261,7 +261,9 @@ def simulate_cmd(
     url: Annotated[str | None, typer.Option(
         help="a running prelabel; default: start one in a temporary folder")] = None,
     key: Annotated[str | None, typer.Option(help="its admin key (or PRELABEL_ADMIN_KEY)")] = None,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[list[int], typer.Option(
+        help="seed of the held-out split and upload order; repeat it for several runs (a "
+             "folder each) and their means in --out")] = [0],  # noqa: B006
     max_labels: Annotated[int | None, typer.Option(help="stop after this many labels")] = None,
     holdout: Annotated[float, typer.Option(help="share of images held out for the metric")] = 0.2,
     checkpoints: Annotated[str, typer.Option(help="labels per class to evaluate at")] = (
@@ -276,6 +278,7 @@ def simulate_cmd(
     cost_delete_box: Annotated[float, typer.Option(help="s to delete a box")] = 1.0,
 ) -> None:
     """Play an annotator over HTTP on a labeled dataset and measure what pre-labeling saves."""
+    from service.simulate.aggregate import write_aggregate
     from service.simulate.client import SimulationError
     from service.simulate.driver import embedded_server, simulate
     from service.simulate.report import Costs
@@ -289,30 +292,36 @@ def simulate_cmd(
         points = tuple(int(c) for c in checkpoints.split(",") if c.strip())
     except ValueError:
         raise _fail("--checkpoints takes comma-separated integers") from None
-    config = SimConfig(seed=seed, max_labels=max_labels, checkpoints=points, iou_unchanged=iou)
+    configs = {n: SimConfig(seed=n, max_labels=max_labels, checkpoints=points,
+                            iou_unchanged=iou) for n in seed}
+    folders = {n: out / f"seed-{n}" if len(seed) > 1 else out for n in seed}
     costs = Costs(cost_tag, cost_verify_tag, cost_draw_box, cost_verify_box, cost_adjust_box,
                   cost_relabel_box, cost_delete_box)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
 
-    def run(server: str, admin: str) -> None:
-        summary = simulate(server, admin, dataset, format, task, order, out, config, costs,
-                           holdout=holdout)
-        typer.echo((out / "summary.md").read_text())
-        typer.echo(f"logs, summary.json and curves.png in {out} "
+    def run(server: str, admin: str, n: int) -> None:
+        summary = simulate(server, admin, dataset, format, task, order, folders[n], configs[n],
+                           costs, holdout=holdout)
+        typer.echo((folders[n] / "summary.md").read_text())
+        typer.echo(f"logs, summary.json and curves.png in {folders[n]} "
                    f"({len(summary['sessions'])} sessions)")
 
     try:
-        if url:
-            admin = key or os.environ.get("PRELABEL_ADMIN_KEY", "")
-            if not admin:
-                raise _fail("--url needs --key (an admin key) or PRELABEL_ADMIN_KEY")
-            run(url, admin)
-        else:
-            with embedded_server() as (server, admin):
-                run(server, admin)
+        for n in seed:
+            if url:
+                admin = key or os.environ.get("PRELABEL_ADMIN_KEY", "")
+                if not admin:
+                    raise _fail("--url needs --key (an admin key) or PRELABEL_ADMIN_KEY")
+                run(url, admin, n)
+            else:  # a fresh server per seed: no model or queue state carries over
+                with embedded_server() as (server, admin):
+                    run(server, admin, n)
     except SimulationError as exc:
         raise _fail(f"simulation failed: {exc}") from exc
+    if len(seed) > 1:
+        write_aggregate(out, list(folders.values()), dataset.name)
+        typer.echo((out / "summary.md").read_text())
 
 
 if __name__ == "__main__":

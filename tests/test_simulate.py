@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from service.simulate.aggregate import aggregate
@@ -48,9 +49,33 @@ def test_simulate_cards_subset(tmp_path: Path) -> None:
         [sys.executable, "-m", "service.cli", "simulate", str(dataset), "--format", "folders",
          "--task", "multiclass", "--out", str(out), "--order", "uncertainty", "--order", "diverse",
          "--order", "random",
-         "--checkpoints", "5,10", "--seed", "1"],
+         "--checkpoints", "5,10", "--seed", "1", "--seed", "2"],
         cwd=REPO, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for n in (1, 2):
+        check_seed(out / f"seed-{n}")
+
+    # the means over the two seeds
+    agg = json.loads((out / "summary.json").read_text())
+    runs = [json.loads((out / f"seed-{n}" / "summary.json").read_text()) for n in (1, 2)]
+    assert agg["seeds"] == [1, 2] and "mean of seeds 1, 2" in (out / "summary.md").read_text()
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for i, order in enumerate(("uncertainty", "diverse", "random")):
+        mean = agg["orders"][order]
+        assert mean["accepted_after_first_model"] == pytest.approx(np.mean(
+            [r["sessions"][i]["accepted_after_first_model"] for r in runs]), abs=1e-4)
+        final = [r["sessions"][i]["checkpoints"][-1]["metric"] for r in runs]
+        assert mean["metric"][-1]["per_seed"] == final
+        assert mean["metric"][-1]["mean"] == pytest.approx(np.mean(final), abs=1e-4)
+    # 100% of random order's final accuracy: where random order reached it
+    assert agg["labels_to_level"][-1]["labels"]["random"] == agg["vs_random"]["diverse"][
+        "random_labels"] in (15, 30)
+    assert [row["level"] for row in agg["labels_to_level"]] == sorted(
+        row["level"] for row in agg["labels_to_level"])
+
+
+def check_seed(out: Path) -> None:
+    """One seed's logs and summary are consistent."""
     summary = json.loads((out / "summary.json").read_text())
     assert summary["images"] == 42 and sorted(summary["classes"]) == sorted(RANKS)
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -101,7 +126,7 @@ def test_simulate_cards_subset(tmp_path: Path) -> None:
     assert [st["file"] for st in diverse[:first]] != [st["file"] for st in baseline[:first]]
     assert all(st["uncertainty"] is not None for st in diverse[first:])
 
-    # the means over seeds (here the same run twice) are that run's figures
+    # the means over "seeds" that are this run twice are this run's figures
     agg = aggregate([out, out], bin_width=15)
     for s in summary["sessions"]:
         mean = agg["orders"][s["order"]]

@@ -172,3 +172,15 @@ def plot(agg: dict[str, Any], title: str, path: Path) -> None:
     right.set(xlabel="labels", ylabel=f"{accepted} accepted unchanged "
               f"(per {agg['bin_width']} labels)", title="acceptance", ylim=(0, 1.02))
     save_panels(fig, path)
+
+
+def write_aggregate(out: Path, seed_dirs: Sequence[Path], title: str) -> dict[str, Any]:
+    """The seeds' means into ``out`` (``summary.json``, ``summary.md``, ``curves.png``):
+    acceptance per 10 images (detection) or per 5 labels per class."""
+    first = json.loads((seed_dirs[0] / "summary.json").read_text())
+    width = 10 if first["task"] == "detection" else 5 * len(first["classes"])
+    agg = aggregate(seed_dirs, width)
+    (out / "summary.json").write_text(json.dumps(agg, indent=2) + "\n")
+    (out / "summary.md").write_text(markdown(agg, title))
+    plot(agg, title, out / "curves.png")
+    return agg
