@@ -57,8 +57,10 @@ def fmt(value: Any, pct: bool = False) -> str:
     """A figure for a table: - when missing, a percentage, 3 decimals or as is."""
     if value is None:
         return "-"
-    return f"{100 * value:.1f}%" if pct else f"{value:.3f}" if isinstance(value, float) \
+    text = f"{100 * value:.1f}%" if pct else f"{value:.3f}" if isinstance(value, float) \
         else str(value)
+    # a tiny negative rounds to "-0.0%": no sign on a zero
+    return text[1:] if text.startswith("-") and not text.strip("-0.%") else text
 
 
 def fewer_text(share: float | None) -> str:
@@ -205,13 +207,15 @@ def plot(sessions: Sequence[Session], title: str, path: Path) -> None:
         pts = [(c["labels"], c["metric"]) for c in s.checkpoints if c["metric"] is not None]
         if pts:
             left.plot(*zip(*pts, strict=True), marker="o", label=s.order)
-        xs, ys = acceptance_curve(s)
+        # detection runs are short (tens of images): a shorter window
+        xs, ys = acceptance_curve(s, window=10 if s.task == "detection" else 20)
         if xs:
-            right.plot(xs, ys, label=s.order)
+            right.plot(xs, ys, marker=".", label=s.order)
     metric = next((c.get("metric_name") for s in sessions for c in s.checkpoints
                    if c.get("metric_name")), "metric")
     left.set(xlabel="labels", ylabel=f"{metric} on the held-out split", title=title)
     accepted = "boxes" if sessions and sessions[0].task == "detection" else "suggestions"
-    right.set(xlabel="labels", ylabel=f"{accepted} accepted unchanged (last 20 images)",
+    window = 10 if sessions and sessions[0].task == "detection" else 20
+    right.set(xlabel="labels", ylabel=f"{accepted} accepted unchanged (last {window} images)",
               title="acceptance", ylim=(0, 1.02))
     save_panels(fig, path)
