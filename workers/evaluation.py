@@ -21,8 +21,8 @@ from workers.labeled import LabeledSet
 MAX_FOLDS = 5
 # A newer model (trained on more labels) is kept back only when it is worse beyond the noise
 # of the few labeled images both can be judged on: lower in at least this share of paired
-# bootstrap resamples of them. Refusing on any lower score left cards simulations on a
-# stale model for up to 60 labels (3 of 11 runs refused on 10-40 images; one seed).
+# bootstrap resamples of them. Refusing on any lower score left a cards simulation (one seed)
+# on one model for 60 labels; 3 of its 13 versions were never served.
 REFUSE_SHARE = 0.95
 BOOTSTRAP = 400
 

@@ -203,19 +203,19 @@ def save_panels(fig: Any, path: Path) -> None:
 def plot(sessions: Sequence[Session], title: str, path: Path) -> None:
     """Metric and acceptance against labels, one line per order (PNG)."""
     fig, left, right = two_panels()
+    detection = bool(sessions) and sessions[0].task == "detection"
+    window = 10 if detection else 20  # detection runs are short (tens of images)
     for s in sessions:
         pts = [(c["labels"], c["metric"]) for c in s.checkpoints if c["metric"] is not None]
         if pts:
             left.plot(*zip(*pts, strict=True), marker="o", label=s.order)
-        # detection runs are short (tens of images): a shorter window
-        xs, ys = acceptance_curve(s, window=10 if s.task == "detection" else 20)
+        xs, ys = acceptance_curve(s, window)
         if xs:
             right.plot(xs, ys, marker=".", label=s.order)
     metric = next((c.get("metric_name") for s in sessions for c in s.checkpoints
                    if c.get("metric_name")), "metric")
     left.set(xlabel="labels", ylabel=f"{metric} on the held-out split", title=title)
-    accepted = "boxes" if sessions and sessions[0].task == "detection" else "suggestions"
-    window = 10 if sessions and sessions[0].task == "detection" else 20
+    accepted = "boxes" if detection else "suggestions"
     right.set(xlabel="labels", ylabel=f"{accepted} accepted unchanged (last {window} images)",
               title="acceptance", ylim=(0, 1.02))
     save_panels(fig, path)
