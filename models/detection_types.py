@@ -57,3 +57,16 @@ IMAGE_INPUT = "image"  # uint8 [height, width, 3] RGB, the image as decoded
 BOXES_OUTPUT = "boxes"  # float32 [N, 4] xyxy in original image pixels
 SCORES_OUTPUT = "scores"  # float32 [N], descending
 LABELS_OUTPUT = "labels"  # int64 [N], 0-based class index
+
+
+def box_iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise IoU [N,M] of xyxy boxes ``a`` [N,4] and ``b`` [M,4]."""
+    a = np.asarray(a, np.float64).reshape(-1, 4)
+    b = np.asarray(b, np.float64).reshape(-1, 4)
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(axis=2)
+    area_a = np.clip(a[:, 2:] - a[:, :2], 0, None).prod(axis=1)
+    area_b = np.clip(b[:, 2:] - b[:, :2], 0, None).prod(axis=1)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)

@@ -33,6 +33,7 @@ class LoadedModel:
     head: OnnxModel | None  # classification: the head on cached embeddings
     pipeline_key: str
     pipeline_sha256: str
+    cross_class_iou: float = 1.0  # detection: see Prediction
     _pipeline: OnnxModel | None = None
     _detector: OnnxDetector | None = None
 
@@ -41,7 +42,9 @@ class LoadedModel:
         """The runtime description of a version row (the graphs load on first use)."""
         return cls(model_id=row.id, version=row.version, task=row.task,
                    classes=tuple(row.classes), thresholds=np.asarray(row.thresholds, np.float32),
-                   head=head, pipeline_key=row.pipeline_key, pipeline_sha256=row.pipeline_sha256)
+                   head=head, pipeline_key=row.pipeline_key, pipeline_sha256=row.pipeline_sha256,
+                   # models published before the rule have no entry: the rule stays off
+                   cross_class_iou=float((row.metrics or {}).get("cross_class_iou", 1.0)))
 
 
 class ModelCache:
@@ -142,4 +145,5 @@ def detections_to_prediction(model: LoadedModel, det: Detections, width: int,
     np.maximum.at(per_class, labels, scores)
     return Prediction(task=model.task, class_names=model.classes, width=width, height=height,
                       scores=per_class, thresholds=model.thresholds, boxes=xywh,
-                      box_labels=labels, box_scores=scores)
+                      box_labels=labels, box_scores=scores,
+                      cross_class_iou=model.cross_class_iou)

@@ -15,7 +15,7 @@ from PIL import Image as PILImage
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from models.detection_eval import choose_score_thresholds, detection_metrics
+from models.detection_eval import choose_score_thresholds, cross_class_iou, detection_metrics
 from models.detection_types import Detections, DetectionSample
 from models.runtime import OnnxDetector
 from models.uncertainty import detection_uncertainty
@@ -280,7 +280,7 @@ def train_detector_run(ctx: WorkerContext, session: Session, project_id: int,
                    "validation": f"too few labeled images to hold any out "
                                  f"(need {MIN_HOLDOUT * 3}+)"}
     metrics.update(task="detection", labeled_images=len(items), train_images=len(train),
-                   training=run_info)
+                   training=run_info, cross_class_iou=cross_class_iou(items))
     return DetectorRun(onnx, detector, np.asarray(thresholds, np.float32), metrics,
                        [i.image.id for i in train_items], val_items, val)
 

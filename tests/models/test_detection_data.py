@@ -16,8 +16,10 @@ from models.detection_data import (
     resized_size,
 )
 from models.detection_eval import (
-    DEFAULT_SCORE_THRESHOLD,
+    CROSS_CLASS_IOU,
+    NOT_SUGGESTED,
     choose_score_thresholds,
+    cross_class_iou,
     detection_metrics,
 )
 from models.detection_types import Detections, DetectionSample
@@ -211,6 +213,40 @@ def test_thresholds_maximise_f1_with_fallback(bccd_val: list[DetectionSample]) -
     assert metrics["per_class"]["other"]["recall"] is None
     low = detection_metrics(predictions, bccd_val, (*BCCD_CLASSES, "other"), [0.2] * 4)
     assert low["per_class"]["RBC"]["fp"] == len(bccd_val)
-    assert choose_score_thresholds(predictions, bccd_val, 4)[3] == pytest.approx(
-        DEFAULT_SCORE_THRESHOLD
-    )
+    assert choose_score_thresholds(predictions, bccd_val, 4)[3] == NOT_SUGGESTED
+
+
+def test_thresholds_need_half_of_the_kept_boxes_right(bccd_val: list[DetectionSample]) -> None:
+    # WBC: the true box at 0.3 under two false ones at 0.8 per image; the best F1 (0.5) keeps
+    # everything, but only a third of those boxes are right: WBC is not suggested at all.
+    predictions = []
+    for s in bccd_val:
+        wbc = s.boxes[s.labels == 1]
+        false_boxes = np.array([[0, 0, 3, 3], [5, 5, 9, 9]], np.float32)
+        predictions.append(Detections(
+            np.concatenate([s.boxes, false_boxes]),
+            np.concatenate([np.where(s.labels == 1, 0.3, 0.8), [0.8, 0.8]]).astype(np.float32),
+            np.concatenate([s.labels, [1, 1]])))
+        assert len(wbc) >= 1
+    loose = choose_score_thresholds(predictions, bccd_val, 3, min_precision=0.0)
+    assert loose[1] == pytest.approx(0.3)
+    strict = choose_score_thresholds(predictions, bccd_val, 3)
+    assert strict[1] == NOT_SUGGESTED
+    assert strict[0] == pytest.approx(0.8) and strict[2] == pytest.approx(0.8)
+    metrics = detection_metrics(predictions, bccd_val, BCCD_CLASSES, strict)
+    assert metrics["per_class"]["WBC"]["tp"] == 0 and metrics["per_class"]["RBC"]["fp"] == 0
+
+
+def test_cross_class_iou_follows_the_labels() -> None:
+    # In both shared sets different-class boxes never overlap much (max IoU 0.37 on cards):
+    # the rule takes its floor.
+    cards, _ = load_voc_samples(sorted((CARDS / "train").glob("*.xml")), CARD_CLASSES)
+    assert cross_class_iou(cards) == CROSS_CLASS_IOU
+    # Labels that put two classes on one object (IoU 0.81) move the rule out of their way.
+    box = np.array([[0, 0, 100, 100], [0, 0, 90, 90]], np.float32)
+    stacked = DetectionSample(np.zeros((120, 120, 3), np.uint8), box, np.array([0, 1]))
+    assert cross_class_iou([*cards, stacked]) == pytest.approx(0.91)
+    same = DetectionSample(np.zeros((120, 120, 3), np.uint8), box, np.array([0, 0]))
+    assert cross_class_iou([same]) == CROSS_CLASS_IOU
+    assert cross_class_iou([DetectionSample(
+        np.zeros((120, 120, 3), np.uint8), box[[0, 0]], np.array([0, 1]))]) == 1.0
