@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -128,6 +129,63 @@ def _matches(evaluator: COCOeval, label: int) -> tuple[np.ndarray, np.ndarray, i
     if not scores:
         return np.zeros(0), np.zeros(0, dtype=bool), objects
     return np.concatenate(scores), np.concatenate(hits).astype(bool), objects
+
+
+@dataclass(frozen=True)
+class ClassMatches:
+    """One class's detections matched at IoU 0.5 (COCO's rules), with the image of each."""
+
+    image: np.ndarray  # [D] 0-based image index, in COCO's ranking order (score, then image)
+    hits: np.ndarray  # [D] bool
+    objects: np.ndarray  # [images] the class's objects in each image
+
+
+def image_matches(
+    predictions: Sequence[Detections], targets: Sequence[Annotated], num_classes: int
+) -> list[ClassMatches]:
+    """Per class, which detections are right, image by image: enough to recompute mAP@.5 on
+    any resample of the images without matching again (matching never crosses images)."""
+    evaluator = _evaluate(predictions, targets, num_classes)
+    area = evaluator.params.areaRng[_AREA_ALL]
+    out = []
+    for c in range(num_classes):
+        image, scores, hits = [], [], []
+        objects = np.zeros(len(targets), np.int64)
+        for entry in evaluator.evalImgs:
+            if entry is None or entry["category_id"] != c + 1 or entry["aRng"] != area:
+                continue
+            i = int(entry["image_id"]) - 1
+            image.append(np.full(len(entry["dtScores"]), i, np.int64))
+            scores.append(np.asarray(entry["dtScores"], np.float64))
+            hits.append(np.asarray(entry["dtMatches"])[_IOU50] > 0)
+            objects[i] = int((np.asarray(entry["gtIgnore"]) == 0).sum())
+        if scores:
+            order = np.argsort(-np.concatenate(scores), kind="mergesort")  # as COCO ranks them
+            out.append(ClassMatches(np.concatenate(image)[order],
+                                    np.concatenate(hits)[order].astype(bool), objects))
+        else:
+            out.append(ClassMatches(np.zeros(0, np.int64), np.zeros(0, bool), objects))
+    return out
+
+
+def resampled_map50(matches: Sequence[ClassMatches], counts: np.ndarray) -> float | None:
+    """COCO mAP@.5 (101 recall points) when image ``i`` is taken ``counts[i]`` times: a
+    bootstrap resample of the images :func:`image_matches` saw; None if it has no object."""
+    recall_points = np.linspace(0.0, 1.0, 101)
+    aps = []
+    for m in matches:
+        objects = int((m.objects * counts).sum())
+        if objects == 0:
+            continue  # COCO leaves such a class out of the mean
+        hits = np.repeat(m.hits, counts[m.image])
+        tp = np.cumsum(hits)
+        recall = tp / objects
+        precision = tp / np.arange(1, len(hits) + 1)
+        precision = np.maximum.accumulate(precision[::-1])[::-1]  # the envelope
+        at = np.searchsorted(recall, recall_points, side="left")
+        aps.append(np.where(at < len(hits), precision[np.minimum(at, len(hits) - 1)], 0.0).mean()
+                   if len(hits) else 0.0)
+    return float(np.mean(aps)) if aps else None
 
 
 def _at_threshold(

@@ -7,6 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from models.detection_data import load_voc_samples
+from models.detection_eval import image_matches
+from models.detection_types import Detections
 from models.heads import predict_proba, train_head
 from models.onnx_export import build_head_onnx
 from service.db import sessionmaker_for
@@ -14,8 +17,16 @@ from service.migrate import upgrade
 from service.settings import Settings
 from service.storage import LocalBlobStore, sha256_hex
 from service.tables import ModelVersion, Project, TrainingRun
+from tests.conftest import DATASETS
 from workers.context import WorkerContext
-from workers.evaluation import Candidate, assign_folds, compare_with_promoted, worse_share
+from workers.detection import lower_map_share
+from workers.evaluation import (
+    REFUSE_SHARE,
+    Candidate,
+    assign_folds,
+    compare_with_promoted,
+    worse_share,
+)
 from workers.labeled import LabeledSet
 
 CLASSES = ["a", "b", "c"]
@@ -121,3 +132,33 @@ def test_worse_share_is_paired_bootstrap() -> None:
     good, noise = tags * 0.8 + 0.1, rng.random((40, 5))
     assert worse_share("multilabel", tags, noise, good) == 1.0
     assert worse_share("multilabel", tags, good, noise) == 0.0
+
+
+def test_lower_detector_map_is_refused_only_beyond_noise() -> None:
+    root = DATASETS / "bccd"
+    ids = (root / "ImageSets" / "Main" / "val.txt").read_text().split()[:20]
+    samples, _ = load_voc_samples([root / "Annotations" / f"{i}.xml" for i in ids],
+                                  ("RBC", "WBC", "Platelets"))
+
+    def found(drop: float, seed: int = 0) -> list:
+        rng = np.random.default_rng(seed)
+        out = []
+        for s in samples:
+            keep = rng.random(len(s.boxes)) >= drop
+            out.append(Detections(s.boxes[keep], np.ones(int(keep.sum()), np.float32),
+                                  s.labels[keep]))
+        return image_matches(out, samples, 3)
+
+    perfect = found(0.0)
+    # one lost box in 20 images: a lower mAP@.5, but not in every resample
+    first = samples[0]
+    one_lost = image_matches([Detections(first.boxes[1:], np.ones(len(first.boxes) - 1,
+                                                                   np.float32), first.labels[1:]),
+                              *[Detections(s.boxes, np.ones(len(s.boxes), np.float32), s.labels)
+                                for s in samples[1:]]], samples, 3)
+    share = lower_map_share(one_lost, perfect, len(samples))
+    assert 0.0 < share < REFUSE_SHARE
+    # half the boxes lost everywhere: lower in every resample
+    assert lower_map_share(found(0.5), perfect, len(samples)) == 1.0
+    assert lower_map_share(perfect, found(0.5), len(samples)) == 0.0
+    assert lower_map_share(perfect, perfect, len(samples)) == 0.0  # a tie is not lower

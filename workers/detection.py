@@ -15,7 +15,14 @@ from PIL import Image as PILImage
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from models.detection_eval import choose_score_thresholds, cross_class_iou, detection_metrics
+from models.detection_eval import (
+    ClassMatches,
+    choose_score_thresholds,
+    cross_class_iou,
+    detection_metrics,
+    image_matches,
+    resampled_map50,
+)
 from models.detection_types import Detections, DetectionSample
 from models.runtime import OnnxDetector
 from models.uncertainty import detection_uncertainty
@@ -25,7 +32,7 @@ from service.inference import LoadedModel, detections_to_prediction
 from service.storage import BlobMissing
 from service.tables import Annotation, Image, ModelVersion, Suggestion
 from workers.context import WorkerContext
-from workers.evaluation import hash_fraction
+from workers.evaluation import BOOTSTRAP, REFUSE_SHARE, hash_fraction
 from workers.labeled import RunFailed
 
 if TYPE_CHECKING:  # torch stays out of this module's import
@@ -145,8 +152,8 @@ def remap(det: Detections, old: Sequence[str], new: Sequence[str]) -> Detections
 def compare_detectors(ctx: WorkerContext, current: ModelVersion | None, new: OnnxDetector,
                       val: Sequence[BoxLabel], samples: Sequence[DetectionSample],
                       classes: list[str]) -> tuple[bool, str]:
-    """Promote unless mAP@.5 is lower than the promoted model's on held-out images that
-    neither model trained on."""
+    """Promote unless mAP@.5 is lower, beyond noise, than the promoted model's on held-out
+    images that neither model trained on (the rule classification uses, see evaluation.py)."""
     if current is None:
         return True, "first model of the project"
     if current.task != "detection":
@@ -157,16 +164,37 @@ def compare_detectors(ctx: WorkerContext, current: ModelVersion | None, new: Onn
         return True, "no labeled images unseen by both models; promoted as newer"
     old = ctx.detector(current.id, current.pipeline_key, current.pipeline_sha256)
     targets = [Target(s.boxes, s.labels) for s in shared]
-    new_map = detection_metrics(detect_all(new, shared), targets, classes)["map50"]
-    old_map = detection_metrics([remap(d, current.classes, classes)
-                                 for d in detect_all(old, shared)], targets, classes)["map50"]
+    new_m = image_matches(detect_all(new, shared), targets, len(classes))
+    old_m = image_matches([remap(d, current.classes, classes) for d in detect_all(old, shared)],
+                          targets, len(classes))
+    every = np.ones(len(shared), np.int64)
+    new_map, old_map = resampled_map50(new_m, every), resampled_map50(old_m, every)
     if new_map is None or old_map is None:
         return True, "no comparable mAP@.5 on shared images; promoted as newer"
     verdict = (f"mAP@.5 {new_map:.4f} vs promoted v{current.version} {old_map:.4f} on "
                f"{len(shared)} labeled images neither model trained on")
     if new_map + 1e-9 >= old_map:
         return True, "not worse: " + verdict
+    share = lower_map_share(new_m, old_m, len(shared))
+    verdict += f"; lower in {share:.0%} of paired resamples of them"
+    if share < REFUSE_SHARE:
+        return True, "promoted, lower within noise: " + verdict
     return False, "kept unpromoted, worse: " + verdict
+
+
+def lower_map_share(new: Sequence[ClassMatches], old: Sequence[ClassMatches],
+                    images: int) -> float:
+    """Share of paired bootstrap resamples of the images on which the new detector's mAP@.5 is
+    lower than the old one's (resamples without any object are skipped)."""
+    rng = np.random.default_rng(0)  # the same verdict for the same detections
+    lower = total = 0
+    for _ in range(BOOTSTRAP):
+        counts = np.bincount(rng.integers(0, images, images), minlength=images)
+        a, b = resampled_map50(new, counts), resampled_map50(old, counts)
+        if a is not None and b is not None:
+            total += 1
+            lower += a < b - 1e-12
+    return lower / total if total else 0.0
 
 
 def export_bytes(config: Any, state_dict: dict[str, Any],

@@ -21,6 +21,8 @@ from models.detection_eval import (
     choose_score_thresholds,
     cross_class_iou,
     detection_metrics,
+    image_matches,
+    resampled_map50,
 )
 from models.detection_types import Detections, DetectionSample
 from tests.models.cards import CARDS, DATASETS
@@ -250,3 +252,27 @@ def test_cross_class_iou_follows_the_labels() -> None:
     assert cross_class_iou([same]) == CROSS_CLASS_IOU
     assert cross_class_iou([DetectionSample(
         np.zeros((120, 120, 3), np.uint8), box[[0, 0]], np.array([0, 1]))]) == 1.0
+
+
+def test_resampled_map50_is_cocos_on_the_resample(bccd_val: list[DetectionSample]) -> None:
+    rng = np.random.default_rng(3)
+    predictions = []
+    for s in bccd_val:  # truth moved a little, a few boxes lost, a few false ones, noisy scores
+        keep = rng.random(len(s.boxes)) > 0.2
+        boxes = s.boxes[keep] + rng.normal(0, 4, (int(keep.sum()), 4)).astype(np.float32)
+        false_boxes = rng.uniform(0, 300, (3, 2)).astype(np.float32)
+        boxes = np.concatenate([boxes, np.concatenate([false_boxes, false_boxes + 40], 1)])
+        labels = np.concatenate([s.labels[keep], rng.integers(0, 3, 3)])
+        predictions.append(Detections(boxes, rng.random(len(boxes)).astype(np.float32), labels))
+    matches = image_matches(predictions, bccd_val, 3)
+    n = len(bccd_val)
+    every = detection_metrics(predictions, bccd_val, BCCD_CLASSES)["map50"]
+    assert resampled_map50(matches, np.ones(n, np.int64)) == pytest.approx(every, abs=1e-12)
+    assert 0.3 < every < 0.95
+    for _ in range(5):
+        idx = rng.integers(0, n, n)
+        coco = detection_metrics([predictions[i] for i in idx], [bccd_val[i] for i in idx],
+                                 BCCD_CLASSES)["map50"]
+        got = resampled_map50(matches, np.bincount(idx, minlength=n))
+        assert got == pytest.approx(coco, abs=1e-12)
+    assert resampled_map50(matches, np.zeros(n, np.int64)) is None
