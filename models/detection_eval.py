@@ -23,8 +23,9 @@ _AREA_ALL = 0  # index of the "all" area range
 # Score threshold of a class whose validation data cannot vouch for its boxes (no objects, no
 # correct detection, or no cut as precise as MIN_PRECISION): FCOS scores are at most 1, so its
 # boxes are not suggested until a later model has the evidence. Before, such a class got 0.4; on
-# the first cards detector (30 labels, 6 held-out boxes) two classes did, and the suggestions
-# cost the simulated annotator 67% more time than none (149 boxes to delete for 64 true ones).
+# a first cards detector (30 labels, 6 held-out boxes) two classes did, and on the next 40
+# photos its suggestions would have cost an annotator 67% more time than none by the
+# simulator's costs (149 boxes to delete for 64 true ones).
 NOT_SUGGESTED = 1.0
 # A suggested box that is wrong costs a look and a delete (~2.6 s with the simulator's costs),
 # a right one saves drawing it (7 s, or 1.9 s when it still needs adjusting): below about half
@@ -178,13 +179,15 @@ def resampled_map50(matches: Sequence[ClassMatches], counts: np.ndarray) -> floa
         if objects == 0:
             continue  # COCO leaves such a class out of the mean
         hits = np.repeat(m.hits, counts[m.image])
+        if not len(hits):
+            aps.append(0.0)
+            continue
         tp = np.cumsum(hits)
         recall = tp / objects
         precision = tp / np.arange(1, len(hits) + 1)
         precision = np.maximum.accumulate(precision[::-1])[::-1]  # the envelope
-        at = np.searchsorted(recall, recall_points, side="left")
-        aps.append(np.where(at < len(hits), precision[np.minimum(at, len(hits) - 1)], 0.0).mean()
-                   if len(hits) else 0.0)
+        at = np.searchsorted(recall, recall_points, side="left")  # recall never reached: 0
+        aps.append(np.where(at < len(hits), precision[np.minimum(at, len(hits) - 1)], 0.0).mean())
     return float(np.mean(aps)) if aps else None
 
 
@@ -301,4 +304,3 @@ def cross_class_iou(samples: Sequence[Annotated]) -> float:
         if other.any():
             largest = max(largest, float(box_iou_matrix(boxes, boxes)[other].max()))
     return float(min(1.0, max(CROSS_CLASS_IOU, largest + _CROSS_CLASS_MARGIN)))
-

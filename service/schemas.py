@@ -149,8 +149,9 @@ class BoxScore(BaseModel):
     y: float
     width: float
     height: float
-    below_threshold: bool = Field(False, description="only with include_low=true: a box under "
-                                  "its class's served threshold")
+    below_threshold: bool = Field(False, description="only with include_low=true: a box that is "
+                                  "not suggested (under its class's served threshold, or a "
+                                  "second class on an object a higher box names)")
 
 
 class SuggestionOut(BaseModel):

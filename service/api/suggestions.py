@@ -131,8 +131,9 @@ def shown(payload: dict[str, Any], include_low: bool) -> dict[str, Any]:
     return payload if include_low else without_low_boxes(payload)
 
 
-IncludeLow = Annotated[bool, Query(description="detection: also return boxes under their "
-                                   "class threshold, flagged `below_threshold`")]
+IncludeLow = Annotated[bool, Query(description="detection: also return the boxes that are not "
+                                   "suggested (under their class threshold, or a second class "
+                                   "on one object), flagged `below_threshold`")]
 
 
 @router.get("/images/{iid}/suggestions", response_model=SuggestionOut)
