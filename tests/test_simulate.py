@@ -4,8 +4,11 @@ folder per class, against a ``prelabel serve`` the command starts itself."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -37,13 +40,78 @@ def test_compare_boxes_counts_each_edit() -> None:
     assert compare_boxes([], []).accepted
 
 
-def test_simulate_cards_subset(tmp_path: Path) -> None:
-    dataset = tmp_path / "crops"
+def crop_folders(dest: Path) -> Path:
+    """Card crops of three ranks, 14 each, a folder per rank."""
     for sample in card_crops("train", per_class=14):
         if sample.labels[0] in RANKS:
-            folder = dataset / sample.labels[0]
+            folder = dest / sample.labels[0]
             folder.mkdir(parents=True, exist_ok=True)
             (folder / sample.name).write_bytes(sample.data)
+    return dest
+
+
+def children_serving(parent: int) -> list[int]:
+    """Pids of ``prelabel serve`` processes whose parent is ``parent``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # it ended while we looked
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == parent and b"serve" in cmdline and b"service.cli" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_stopped_simulation_stops_its_server(tmp_path: Path) -> None:
+    """SIGTERM to ``prelabel simulate`` stops the server (API and worker) it started."""
+    dataset = crop_folders(tmp_path / "crops")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "simulate", str(dataset), "--format", "folders",
+         "--task", "multiclass", "--out", str(tmp_path / "out"), "--order", "random"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (servers := children_serving(proc.pid)):
+            assert proc.poll() is None and time.monotonic() < deadline, "no server started"
+            time.sleep(0.2)
+        (server,) = servers
+        group = os.getpgid(server)
+        assert group != os.getpgid(proc.pid)  # its own session: a kill of ours misses it
+        time.sleep(3)  # let the API and the worker start
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 30
+        while alive(server) or _group_alive(group):
+            assert time.monotonic() < deadline, "the server outlived the simulation"
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_simulate_cards_subset(tmp_path: Path) -> None:
+    dataset = crop_folders(tmp_path / "crops")
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, "-m", "service.cli", "simulate", str(dataset), "--format", "folders",

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -41,10 +42,18 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _exit_on_sigterm(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 @contextmanager
 def embedded_server(env: dict[str, str] | None = None,
                     timeout: float = 300) -> Iterator[tuple[str, str]]:
-    """``prelabel serve`` (API + worker) in a temporary data folder: (url, admin key)."""
+    """``prelabel serve`` (API + worker) in a temporary data folder: (url, admin key).
+
+    The server runs in a session of its own, so it is stopped here also when this process is
+    told to stop (SIGTERM becomes SystemExit while the server runs), not only on Ctrl-C.
+    """
     key = "sim-" + secrets.token_urlsafe(24)
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="prelabel-simulate-") as tmp:
@@ -57,6 +66,8 @@ def embedded_server(env: dict[str, str] | None = None,
                                      str(port)], env=child_env, stdout=fh,
                                     stderr=subprocess.STDOUT, start_new_session=True)
         url = f"http://127.0.0.1:{port}"
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main else None
         try:
             deadline = time.monotonic() + timeout
             while True:
@@ -80,6 +91,8 @@ def embedded_server(env: dict[str, str] | None = None,
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
+            if main:
+                signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def simulate(url: str, key: str, dataset: Path, fmt: str, task: str, orders: Sequence[str],
