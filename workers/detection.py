@@ -32,7 +32,7 @@ from service.inference import LoadedModel, detections_to_prediction
 from service.storage import BlobMissing
 from service.tables import Annotation, Image, ModelVersion, Suggestion
 from workers.context import WorkerContext
-from workers.evaluation import BOOTSTRAP, REFUSE_SHARE, hash_fraction
+from workers.evaluation import REFUSE_SHARE, hash_fraction, lower_share
 from workers.labeled import RunFailed
 
 if TYPE_CHECKING:  # torch stays out of this module's import
@@ -186,15 +186,11 @@ def lower_map_share(new: Sequence[ClassMatches], old: Sequence[ClassMatches],
                     images: int) -> float:
     """Share of paired bootstrap resamples of the images on which the new detector's mAP@.5 is
     lower than the old one's (resamples without any object are skipped)."""
-    rng = np.random.default_rng(0)  # the same verdict for the same detections
-    lower = total = 0
-    for _ in range(BOOTSTRAP):
-        counts = np.bincount(rng.integers(0, images, images), minlength=images)
-        a, b = resampled_map50(new, counts), resampled_map50(old, counts)
-        if a is not None and b is not None:
-            total += 1
-            lower += a < b - 1e-12
-    return lower / total if total else 0.0
+    def scores(picks: np.ndarray) -> tuple[float | None, float | None]:
+        counts = np.bincount(picks, minlength=images)
+        return resampled_map50(new, counts), resampled_map50(old, counts)
+
+    return lower_share(images, scores)
 
 
 def export_bytes(config: Any, state_dict: dict[str, Any],

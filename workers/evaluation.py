@@ -148,22 +148,34 @@ def compare_with_promoted(ctx: WorkerContext, session: Session, current: ModelVe
     return False, "kept unpromoted, worse: " + verdict
 
 
-def worse_share(task: str, y: np.ndarray, new: np.ndarray, old: np.ndarray) -> float:
-    """Share of bootstrap resamples of the shared images on which the candidate scores lower
-    than the promoted model (paired: both judged on the same resampled images)."""
-    rng = np.random.default_rng(0)  # the same verdict for the same predictions
-    n = len(y)
-    picks = rng.integers(0, n, size=(BOOTSTRAP, n))
-    if task == "multiclass":  # accuracy: per-image hits, vectorised
-        gain = (new.argmax(1) == y).astype(np.float64) - (old.argmax(1) == y)
-        return float((gain[picks].mean(axis=1) < -1e-12).mean())
+def bootstrap_picks(n: int) -> np.ndarray:
+    """[BOOTSTRAP, n] image indices, one resample per row; seeded, so the same predictions
+    always get the same verdict."""
+    return np.random.default_rng(0).integers(0, n, size=(BOOTSTRAP, n))
+
+
+def lower_share(n: int, scores: Callable[[np.ndarray], tuple[float | None, float | None]]
+                ) -> float:
+    """Share of paired bootstrap resamples of ``n`` images on which the new model scores lower
+    than the old one; ``scores(picks)`` gives (new, old) on a resample, None where undefined
+    (such resamples are skipped)."""
     lower = total = 0
-    for idx in picks:  # mAP: every class's AP on each resample
-        a, b = _map(y[idx], new[idx]), _map(y[idx], old[idx])
+    for picks in bootstrap_picks(n):
+        a, b = scores(picks)
         if a is not None and b is not None:
             total += 1
             lower += a < b - 1e-12
     return lower / total if total else 0.0
+
+
+def worse_share(task: str, y: np.ndarray, new: np.ndarray, old: np.ndarray) -> float:
+    """Share of bootstrap resamples of the shared images on which the candidate scores lower
+    than the promoted model (paired: both judged on the same resampled images)."""
+    if task == "multiclass":  # accuracy: per-image hits, vectorised
+        gain = (new.argmax(1) == y).astype(np.float64) - (old.argmax(1) == y)
+        return float((gain[bootstrap_picks(len(y))].mean(axis=1) < -1e-12).mean())
+    # mAP: every class's AP on each resample
+    return lower_share(len(y), lambda i: (_map(y[i], new[i]), _map(y[i], old[i])))
 
 
 def _map(y: np.ndarray, probs: np.ndarray) -> float | None:
