@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -123,3 +124,50 @@ def choose_thresholds(
         below = probs[:, c][probs[:, c] < best]
         out[c] = (best + below.max()) / 2 if below.size else best
     return out
+
+
+@dataclass(frozen=True)
+class ConfidenceFloor:
+    """The least top-class confidence a multiclass suggestion needs, and what it keeps."""
+
+    min_confidence: float  # NOT_SUGGESTED: no cut was precise enough
+    precision: float | None  # share of kept held-out predictions that were right
+    coverage: float  # share of held-out images that keep a suggestion
+    support: int  # held-out predictions the choice rests on
+
+
+# above any softmax confidence: "suggest nothing" (float32 softmax can round to exactly 1.0)
+NOT_SUGGESTED = 1.01
+
+
+def choose_confidence_floor(y_true: np.ndarray, probs: np.ndarray, min_precision: float,
+                            min_kept: int = 5) -> ConfidenceFloor:
+    """The lowest top-class confidence cut whose held-out precision is ``min_precision``.
+
+    ``probs`` are predictions on images the model did not train on. A cut keeps the predictions
+    at or above it; it counts only if it keeps ``min_kept`` or more (fewer is no evidence).
+    The floor sits halfway to the next lower confidence, as in :func:`choose_thresholds`.
+    With no such cut the floor is :data:`NOT_SUGGESTED`; with ``min_precision`` 0 it is 0.
+    """
+    y_true = np.asarray(y_true)
+    probs = np.asarray(probs, dtype=np.float64)
+    _check("multiclass", y_true, probs, probs.shape[1] if probs.ndim == 2 else 0)
+    n = len(y_true)
+    conf = probs.max(axis=1) if n else np.zeros(0)
+    order = np.argsort(-conf, kind="stable")
+    conf = conf[order]
+    right = (probs.argmax(axis=1) == y_true)[order] if n else np.zeros(0, bool)
+    kept = np.arange(1, n + 1)
+    precision = np.cumsum(right) / np.maximum(kept, 1)
+    if min_precision <= 0:  # no target: every top class is suggested
+        return ConfidenceFloor(0.0, round(float(precision[-1]), 4) if n else None,
+                               1.0 if n else 0.0, n)
+    # a cut lies between distinct confidences: ties are kept or dropped together
+    ok = np.append(conf[1:] < conf[:-1], True) & (kept >= min_kept) & (precision >= min_precision)
+    if not ok.any():
+        return ConfidenceFloor(NOT_SUGGESTED, None, 0.0, n)
+    i = int(np.flatnonzero(ok)[-1])  # the most kept: the lowest cut that is precise enough
+    # every held-out prediction qualifies: suggest every top class
+    floor = 0.0 if i == n - 1 else float(conf[i] + conf[i + 1]) / 2
+    return ConfidenceFloor(round(floor, 6), round(float(precision[i]), 4),
+                           round((i + 1) / n, 4), n)

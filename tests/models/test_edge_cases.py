@@ -11,7 +11,12 @@ import pytest
 import torch
 
 from models.heads import HeadParams, predict_proba, train_head
-from models.metrics import choose_thresholds, classification_metrics
+from models.metrics import (
+    NOT_SUGGESTED,
+    choose_confidence_floor,
+    choose_thresholds,
+    classification_metrics,
+)
 from models.uncertainty import uncertainty
 from tests.models.cards import CLASSES
 from tests.models.conftest import CardData
@@ -202,6 +207,47 @@ def test_choose_thresholds_per_class_default() -> None:
     p = np.array([[0.8, 0.9], [0.7, 0.1], [0.2, 0.3]])
     got = choose_thresholds(y, p, default=0.4)
     assert got[0] == pytest.approx(0.45) and got[1] == pytest.approx(0.4)
+
+
+def _top(conf: list[float], right: list[bool]) -> tuple[np.ndarray, np.ndarray]:
+    """Two-class probabilities whose top class is class 0 at ``conf``; truth per ``right``."""
+    probs = np.array([[c, 1 - c] for c in conf], dtype=np.float32)
+    return np.array([0 if r else 1 for r in right]), probs
+
+
+def test_confidence_floor_is_the_lowest_precise_cut() -> None:
+    # five right, two wrong, one right: 5/5 kept at 0.8, 5/6 at 0.7, 6/8 over all
+    conf = [0.99, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.55]
+    y, p = _top(conf, [True, True, True, True, True, False, False, True])
+    got = choose_confidence_floor(y, p, min_precision=0.85, min_kept=5)
+    assert got.min_confidence == pytest.approx(0.75) and got.precision == 1.0
+    assert (got.coverage, got.support) == (5 / 8, 8)
+    # kept predictions at or above the floor are right that often on this data
+    kept = p.max(axis=1) >= got.min_confidence
+    assert np.mean(p[kept].argmax(axis=1) == y[kept]) >= 0.85
+    # a looser target reaches further down: 6/8 right over all of them
+    assert choose_confidence_floor(y, p, min_precision=0.75, min_kept=5).min_confidence == 0.0
+    assert choose_confidence_floor(y, p, min_precision=0.8, min_kept=5).min_confidence == \
+        pytest.approx(0.65)
+
+
+def test_confidence_floor_needs_evidence() -> None:
+    y, p = _top([0.9, 0.8, 0.7, 0.6], [True, True, True, True])
+    # four right answers are fewer than the five a cut must keep
+    assert choose_confidence_floor(y, p, 0.85, min_kept=5).min_confidence == NOT_SUGGESTED
+    y, p = _top([0.9, 0.8, 0.7, 0.6, 0.55, 0.52], [False, True, False, True, False, True])
+    got = choose_confidence_floor(y, p, 0.85, min_kept=2)
+    assert got.min_confidence == NOT_SUGGESTED and got.precision is None and got.coverage == 0
+    assert NOT_SUGGESTED > 1.0  # above a softmax confidence rounded to 1.0
+    empty = choose_confidence_floor(np.zeros(0, int), np.zeros((0, 3)), 0.85)
+    assert empty.min_confidence == NOT_SUGGESTED and empty.support == 0
+
+
+def test_confidence_floor_keeps_ties_together() -> None:
+    # the 0.8s are one right and one wrong: a cut cannot keep one without the other
+    y, p = _top([0.95, 0.9, 0.8, 0.8, 0.6], [True, True, True, False, False])
+    got = choose_confidence_floor(y, p, min_precision=0.9, min_kept=2)
+    assert got.min_confidence == pytest.approx(0.85) and got.coverage == 0.4
 
 
 # --- uncertainty ----------------------------------------------------------------------------
