@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from service.prediction import Prediction
-from service.schemas import BoxScore, SuggestionOut, TagScore
+from service.schemas import BoxScore, SuggestionOut, TagScore, TagSuggestion
 
 
 def suggestion_out(pred: Prediction, model_id: int, version: int, suggestion_id: str | None,
@@ -17,15 +17,18 @@ def suggestion_out(pred: Prediction, model_id: int, version: int, suggestion_id:
     return SuggestionOut(
         suggestion_id=suggestion_id, image_id=image_id, model_id=model_id,
         model_version=version, width=pred.width, height=pred.height,
-        tags=[TagScore(label=n, confidence=round(c, 6)) for n, c in pred.tags()],
+        tags=[TagSuggestion(label=n, confidence=round(c, 6), below_threshold=not ok)
+              for n, c, ok in pred.tag_items()],
         boxes=boxes,
         scores=[TagScore(label=n, confidence=round(c, 6)) for n, c in pred.ranked()],
     )
 
 
-def without_low_boxes(payload: dict[str, Any]) -> dict[str, Any]:
-    """A stored suggestion as served by default: boxes under their threshold left out."""
-    boxes = payload.get("boxes")
-    if not boxes or not any(b.get("below_threshold") for b in boxes):
-        return payload
-    return {**payload, "boxes": [b for b in boxes if not b.get("below_threshold")]}
+def without_low(payload: dict[str, Any]) -> dict[str, Any]:
+    """A stored suggestion as served by default: tags and boxes not suggested left out."""
+    out = payload
+    for key in ("tags", "boxes"):
+        items = payload.get(key)
+        if items and any(i.get("below_threshold") for i in items):
+            out = {**out, key: [i for i in items if not i.get("below_threshold")]}
+    return out

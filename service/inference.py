@@ -34,6 +34,7 @@ class LoadedModel:
     pipeline_key: str
     pipeline_sha256: str
     cross_class_iou: float = 1.0  # detection: see Prediction
+    min_confidence: float = 0.0  # multiclass: see Prediction
     _pipeline: OnnxModel | None = None
     _detector: OnnxDetector | None = None
 
@@ -44,7 +45,14 @@ class LoadedModel:
                    classes=tuple(row.classes), thresholds=np.asarray(row.thresholds, np.float32),
                    head=head, pipeline_key=row.pipeline_key, pipeline_sha256=row.pipeline_sha256,
                    # models published before the rule have no entry: the rule stays off
-                   cross_class_iou=float((row.metrics or {}).get("cross_class_iou", 1.0)))
+                   cross_class_iou=float((row.metrics or {}).get("cross_class_iou", 1.0)),
+                   min_confidence=min_confidence(row.metrics or {}))
+
+
+def min_confidence(metrics: dict) -> float:
+    """A version's multiclass suggestion floor (0 for versions published before it existed)."""
+    floor = metrics.get("suggestion_floor")
+    return float(floor["min_confidence"]) if isinstance(floor, dict) else 0.0
 
 
 class ModelCache:
@@ -113,7 +121,8 @@ def predict_rgb(cache: ModelCache, model: LoadedModel, img: PILImage.Image) -> n
 def to_prediction(model: LoadedModel, probs: np.ndarray, width: int, height: int) -> Prediction:
     """Wrap class probabilities in the canonical prediction type."""
     return Prediction(task=model.task, class_names=model.classes, width=width, height=height,
-                      scores=np.asarray(probs, np.float32), thresholds=model.thresholds)
+                      scores=np.asarray(probs, np.float32), thresholds=model.thresholds,
+                      min_confidence=model.min_confidence)
 
 
 def detect_image_bytes(cache: ModelCache, model: LoadedModel, data: bytes,

@@ -17,7 +17,8 @@ class Prediction:
     ``thresholds`` the per-class cut used for multilabel tags. Boxes (detection) are ``xywh``
     pixels with a label index and a confidence each; a box over its class threshold is not
     suggested when it overlaps a higher-scored suggested box of another class by
-    ``cross_class_iou`` or more (one object named twice; 1.0: never).
+    ``cross_class_iou`` or more (one object named twice; 1.0: never). A multiclass top class
+    is suggested only at ``min_confidence`` or more (what held-out predictions vouch for).
     """
 
     task: str
@@ -30,6 +31,7 @@ class Prediction:
     box_labels: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
     box_scores: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float32))
     cross_class_iou: float = 1.0
+    min_confidence: float = 0.0
 
     def __post_init__(self) -> None:
         if self.scores.shape != (len(self.class_names),):
@@ -41,14 +43,21 @@ class Prediction:
 
     def tags(self) -> list[tuple[str, float]]:
         """Suggested tags: the top class (multiclass) or every class over its threshold."""
+        return [(name, conf) for name, conf, ok in self.tag_items() if ok]
+
+    def tag_items(self) -> list[tuple[str, float, bool]]:
+        """Tag candidates, highest first: (label, confidence, suggested). Multiclass lists its
+        top class, suggested only at ``min_confidence``; multilabel the classes over their
+        thresholds."""
         if not len(self.class_names) or self.task == "detection":
             return []
         if self.task == "multiclass":
             best = int(np.argmax(self.scores))
-            return [(self.class_names[best], float(self.scores[best]))]
+            conf = float(self.scores[best])
+            return [(self.class_names[best], conf, conf >= self.min_confidence)]
         picked = np.flatnonzero(self.scores >= self.thresholds)
         order = picked[np.argsort(-self.scores[picked])]
-        return [(self.class_names[i], float(self.scores[i])) for i in order]
+        return [(self.class_names[i], float(self.scores[i]), True) for i in order]
 
     def box_items(self) -> list[tuple[str, float, tuple[float, float, float, float], bool]]:
         """Detections, highest confidence first: (label, confidence, xywh, suggested)."""

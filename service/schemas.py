@@ -142,6 +142,12 @@ class TagScore(BaseModel):
     confidence: float
 
 
+class TagSuggestion(TagScore):
+    below_threshold: bool = Field(False, description="only with include_low=true: a top class "
+                                  "under the confidence the model's held-out predictions "
+                                  "vouch for (multiclass), so not suggested")
+
+
 class BoxScore(BaseModel):
     label: str
     confidence: float
@@ -161,7 +167,7 @@ class SuggestionOut(BaseModel):
     model_version: int
     width: int
     height: int
-    tags: list[TagScore]
+    tags: list[TagSuggestion]
     boxes: list[BoxScore]
     scores: list[TagScore] = Field(description="every class with its confidence, highest first")
 

@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     # ~10 ms per box at serving; models/box_classifier.py)
     detection_crop_stage: bool = True
     detection_crop_min_gain: float = 0.02  # held-out mAP@.5 gain the crop stage must show
+    # > 0: a multiclass suggestion is made only at a confidence where the model's held-out
+    # top-class predictions were right this often (fewer, surer pre-fills); 0: always
+    suggestion_min_precision: float = Field(0.0, ge=0.0, le=1.0)
     finetune: bool = True  # try fine-tuning the top of the backbone once classes have many labels
 
     # dataset import/export (archives are checked before anything is extracted)

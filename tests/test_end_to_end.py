@@ -103,6 +103,12 @@ def test_multiclass_core_loop(stack: tuple[Api, WorkerProcess]) -> None:
     assert metrics["labeled_images"] == 30
     assert metrics["folds"] == 5 and metrics["n_images"] == 30
     assert set(metrics["per_class"]) == set(RANKS)
+    # no precision target by default: every top class is suggested (tests/test_simulate.py
+    # runs the worker with one)
+    floor = metrics["suggestion_floor"]
+    assert (floor["min_confidence"], floor["target_precision"], floor["coverage"],
+            floor["support"]) == (0.0, 0.0, 1.0, 30), floor
+    assert floor["precision"] == pytest.approx(metrics["accuracy"], abs=1e-4)
 
     # the worker stores a suggestion for every unlabeled image after the promotion: an export
     # with suggestions carries all of them although none has been served yet
@@ -121,7 +127,7 @@ def test_multiclass_core_loop(stack: tuple[Api, WorkerProcess]) -> None:
     assert r.status_code == 200, r.text
     items = r.json()["items"]
     assert [i["image_id"] for i in items] == test_ids
-    predicted = [i["tags"][0]["label"] for i in items]
+    predicted = [i["scores"][0]["label"] for i in items]
     accuracy = np.mean([p == s.labels[0] for p, s in zip(predicted, test, strict=True)])
     print(f"multiclass accuracy on {len(test)} unseen crops: {accuracy:.3f}")
     assert accuracy >= MULTICLASS_FLOOR, accuracy
@@ -129,7 +135,8 @@ def test_multiclass_core_loop(stack: tuple[Api, WorkerProcess]) -> None:
         assert item["model_version"] == 1 and len(item["scores"]) == 6
         conf = [s["confidence"] for s in item["scores"]]
         assert conf == sorted(conf, reverse=True) and abs(sum(conf) - 1) < 1e-3
-        assert item["tags"][0]["confidence"] == conf[0]
+        assert item["tags"] == [{"label": item["scores"][0]["label"], "confidence": conf[0],
+                                 "below_threshold": False}]
 
     # the single route answers the same suggestion (same id: served once per model)
     one = api.get(f"/api/v1/images/{test_ids[0]}/suggestions", role="annotator").json()

@@ -59,7 +59,10 @@ def test_finetune_tried_and_served(tmp_path: Path, sqlite_url: str, cache_dir: P
         unlabeled = ids[len(crops):]
         items = api.post(f"/api/v1/projects/{pid}/suggestions",
                          json={"image_ids": unlabeled}).json()["items"]
-        assert len(items) == len(unlabeled) and all(i["tags"] for i in items)
+        floor = model["metrics"]["suggestion_floor"]["min_confidence"]
+        assert len(items) == len(unlabeled)
+        # the top class is suggested where the held-out predictions vouch for its confidence
+        assert all(bool(i["tags"]) == (i["scores"][0]["confidence"] >= floor) for i in items)
         adhoc = api.post(f"/api/v1/projects/{pid}/predict", role="annotator",
                          files={"file": ("x.jpg", extra[0].data, "image/jpeg")}).json()
         for a, b in zip(adhoc["scores"], items[0]["scores"], strict=True):

@@ -1,10 +1,14 @@
-"""The canonical prediction's box suggestions: class thresholds and one name per object."""
+"""The canonical prediction's suggestions: box thresholds, one name per object, and the
+multiclass confidence floor."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from service.adapters import suggestion_out
+from service.adapters import suggestion_out, without_low
+from service.labelstudio.label_config import parse_label_config
+from service.labelstudio.results import ls_prediction
 from service.prediction import Prediction
 
 
@@ -44,3 +48,33 @@ def test_a_box_under_its_threshold_hides_nothing() -> None:
     # hides a box of the same class (the detector's own NMS deals with those)
     assert [(label, ok) for label, _, _, ok in raised.box_items()] == [
         ("king", False), ("queen", True), ("queen", True), ("queen", True), ("king", False)]
+
+
+def _tags(min_confidence: float) -> Prediction:
+    return Prediction(task="multiclass", class_names=("king", "queen", "ace"), width=50,
+                      height=80, scores=np.array([0.2, 0.7, 0.1], np.float32),
+                      thresholds=np.full(3, 0.5, np.float32), min_confidence=min_confidence)
+
+
+def test_multiclass_top_class_needs_the_floor() -> None:
+    assert _tags(0.0).tags() == [("queen", pytest.approx(0.7))]
+    assert _tags(0.69).tag_items() == [("queen", pytest.approx(0.7), True)]
+    unsure = _tags(0.75)
+    assert unsure.tags() == [] and unsure.tag_items() == [("queen", pytest.approx(0.7), False)]
+    assert [label for label, _ in unsure.ranked()] == ["queen", "king", "ace"]
+
+    # stored with the flag; served without the tag unless include_low; never pre-filled in
+    # Label Studio
+    payload = suggestion_out(unsure, model_id=1, version=2, suggestion_id="s",
+                             image_id=3).model_dump(mode="json")
+    assert payload["tags"] == [{"label": "queen", "confidence": pytest.approx(0.7),
+                                "below_threshold": True}]
+    assert without_low(payload)["tags"] == [] and len(without_low(payload)["scores"]) == 3
+    choices = parse_label_config(
+        '<View><Image name="image" value="$image"/><Choices name="rank" toName="image">'
+        '<Choice value="king"/><Choice value="queen"/><Choice value="ace"/></Choices></View>')
+    assert ls_prediction(payload, choices, "v2") == {"result": [], "score": 0.0,
+                                                     "model_version": "v2"}
+    sure = suggestion_out(_tags(0.6), 1, 2, "s", 3).model_dump(mode="json")
+    assert without_low(sure) == sure
+    assert ls_prediction(sure, choices, "v2")["result"][0]["value"] == {"choices": ["queen"]}

@@ -11,7 +11,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from models.heads import train_head
-from models.metrics import choose_thresholds, classification_metrics
+from models.metrics import choose_confidence_floor, choose_thresholds, classification_metrics
 from models.onnx_export import build_head_onnx, merge_pipeline
 from models.runtime import select_device
 from service.storage import model_key, sha256_hex
@@ -81,6 +81,18 @@ def frozen_candidate(data: LabeledSet, task: str, classes: list[str], device: to
                      oof, metrics)
 
 
+def suggestion_floor(data: LabeledSet, cand: Candidate, min_precision: float) -> dict[str, Any]:
+    """The confidence a multiclass suggestion needs, chosen on the candidate's held-out
+    predictions so that at least ``min_precision`` of the suggestions made are right."""
+    if cand.eval_probs is None or not len(cand.eval_idx):
+        # nothing to judge by (too few labels to validate): suggest every top class, unvetted
+        return {"min_confidence": 0.0, "target_precision": min_precision, "precision": None,
+                "coverage": None, "support": 0}
+    floor = choose_confidence_floor(data.y[cand.eval_idx], cand.eval_probs, min_precision)
+    return {"min_confidence": floor.min_confidence, "target_precision": min_precision,
+            "precision": floor.precision, "coverage": floor.coverage, "support": floor.support}
+
+
 def _train(ctx: WorkerContext, run_id: int, owner: str, hb: Heartbeat) -> str:
     with ctx.sessions() as session:
         run = session.get(TrainingRun, run_id)
@@ -115,6 +127,9 @@ def _train(ctx: WorkerContext, run_id: int, owner: str, hb: Heartbeat) -> str:
         cand = tuned or frozen
         cand.metrics.update(labeled_images=len(data.image_ids), folds=k, finetune=report,
                             train_images=len(cand.train_idx))
+        if task == "multiclass":
+            cand.metrics["suggestion_floor"] = suggestion_floor(
+                data, cand, ctx.settings.suggestion_min_precision)
         if tuned is not None:
             cand.metrics["frozen_cross_validation"] = {
                 key: frozen.metrics.get(key) for key in ("accuracy", "map", "macro_ap")}

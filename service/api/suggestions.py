@@ -12,7 +12,7 @@ from sqlalchemy import and_, select, update
 from sqlalchemy.orm import Session
 
 from models.constants import INPUT_SIZE
-from service.adapters import suggestion_out, without_low_boxes
+from service.adapters import suggestion_out, without_low
 from service.api.images import read_upload_bytes
 from service.api.projects import promoted_model
 from service.context import AppContext
@@ -127,13 +127,14 @@ def mark_served(session: Session, ids: list[str]) -> None:
 
 
 def shown(payload: dict[str, Any], include_low: bool) -> dict[str, Any]:
-    """A stored payload as answered: low boxes only when asked for."""
-    return payload if include_low else without_low_boxes(payload)
+    """A stored payload as answered: tags and boxes not suggested only when asked for."""
+    return payload if include_low else without_low(payload)
 
 
-IncludeLow = Annotated[bool, Query(description="detection: also return the boxes that are not "
-                                   "suggested (under their class threshold, or a second class "
-                                   "on one object), flagged `below_threshold`")]
+IncludeLow = Annotated[bool, Query(description="also return what is not suggested, flagged "
+                                   "`below_threshold`: boxes under their class threshold or "
+                                   "naming an object a higher box names; a multiclass top "
+                                   "class under the model's suggestion floor")]
 
 
 @router.get("/images/{iid}/suggestions", response_model=SuggestionOut)

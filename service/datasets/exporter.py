@@ -202,7 +202,7 @@ class _Rows:
             return item if item.boxes else None
         scored = payload.get("scores") or payload.get("tags") or []
         if floor is None:
-            scored = payload.get("tags") or []
+            scored = [t for t in payload.get("tags") or [] if not t.get("below_threshold")]
         else:
             scored = [t for t in scored if t["confidence"] >= floor]
         if self.project.task == "multiclass":

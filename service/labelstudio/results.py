@@ -22,13 +22,13 @@ def ls_prediction(payload: Mapping[str, Any], mapping: LabelMapping,
                   model_version: str) -> dict[str, Any]:
     """A suggestion -> ``{"result": [...], "score": s, "model_version": v}``.
 
-    Boxes under their class threshold are left out, as in the native default. ``score`` is
-    the confidence of the least sure item (what a reviewer has to check), 0 when the model
-    suggests nothing.
+    Tags and boxes not suggested (flagged ``below_threshold``) are left out, as in the native
+    default. ``score`` is the confidence of the least sure item (what a reviewer has to
+    check), 0 when the model suggests nothing.
     """
     items: list[dict[str, Any]] = []
     if mapping.type == "choices":
-        tags = payload.get("tags") or []
+        tags = [t for t in payload.get("tags") or [] if not t.get("below_threshold")]
         if tags:
             items.append({"from_name": mapping.from_name, "to_name": mapping.to_name,
                           "type": "choices",
