@@ -13,7 +13,8 @@ Writes ``benchmarks/results/simulate/<scenario>/`` (``summary.{json,md}``, ``cur
 
     .venv/bin/python benchmarks/simulate.py cards-classification [--max-labels N]
         [--train-seconds S] [--min-images-per-class N] [--checkpoints 5,10,25,50,100]
-        [--seeds 0,1,2]
+        [--seeds 0,1,2] [--orders uncertainty,random] [--suggestion-min-precision 0.85]
+        [--out FOLDER]
 """
 
 from __future__ import annotations
@@ -80,15 +81,22 @@ def main() -> None:
     parser.add_argument("--seeds", default="0",
                         help="comma-separated; several: one folder per seed plus their means")
     parser.add_argument("--orders", default="uncertainty,diverse,random")
+    parser.add_argument("--suggestion-min-precision", type=float, default=None,
+                        help="multiclass: suggest only where held-out predictions of that "
+                             "confidence were this often right (default: the service's)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="result folder (default: benchmarks/results/simulate/<scenario>)")
     args = parser.parse_args()
     env = {"PRELABEL_DEVICE": "cpu"}
+    if args.suggestion_min_precision is not None:
+        env["PRELABEL_SUGGESTION_MIN_PRECISION"] = str(args.suggestion_min_precision)
     if args.train_seconds:
         env["PRELABEL_DETECTION_TRAIN_SECONDS"] = str(args.train_seconds)
     if args.min_images_per_class:
         env["PRELABEL_MIN_LABELS_PER_CLASS_DETECTION"] = str(args.min_images_per_class)
     seeds = [int(s) for s in args.seeds.split(",")]
     checkpoints = tuple(int(c) for c in args.checkpoints.split(","))
-    out = RESULTS / "simulate" / args.scenario
+    out = args.out or RESULTS / "simulate" / args.scenario
     folders = {seed: out / f"seed-{seed}" if len(seeds) > 1 else out for seed in seeds}
     with tempfile.TemporaryDirectory(prefix="prelabel-sim-data-") as tmp:
         dataset, fmt, task = dataset_for(args.scenario, Path(tmp))

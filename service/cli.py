@@ -276,6 +276,9 @@ def simulate_cmd(
     cost_adjust_box: Annotated[float, typer.Option(help="s to drag a box into place")] = 3.5,
     cost_relabel_box: Annotated[float, typer.Option(help="s to change a box's label")] = 1.5,
     cost_delete_box: Annotated[float, typer.Option(help="s to delete a box")] = 1.0,
+    server_setting: Annotated[list[str], typer.Option(
+        help="PRELABEL_NAME=VALUE for the server it starts, e.g. "
+             "PRELABEL_SUGGESTION_MIN_PRECISION=0.85 (repeat the flag for several)")] = [],  # noqa: B006
 ) -> None:
     """Play an annotator over HTTP on a labeled dataset and measure what pre-labeling saves."""
     from service.simulate.aggregate import write_aggregate
@@ -292,6 +295,14 @@ def simulate_cmd(
         points = tuple(int(c) for c in checkpoints.split(",") if c.strip())
     except ValueError:
         raise _fail("--checkpoints takes comma-separated integers") from None
+    server_env: dict[str, str] = {}
+    for item in server_setting:
+        name, eq, value = item.partition("=")
+        if not eq or not name.startswith("PRELABEL_"):
+            raise _fail(f"--server-setting takes PRELABEL_NAME=VALUE, got {item!r}")
+        server_env[name] = value
+    if server_env and url:
+        raise _fail("--server-setting applies to the server simulate starts, not to --url")
     configs = {n: SimConfig(seed=n, max_labels=max_labels, checkpoints=points,
                             iou_unchanged=iou) for n in seed}
     folders = {n: out / f"seed-{n}" if len(seed) > 1 else out for n in seed}
@@ -315,7 +326,7 @@ def simulate_cmd(
                     raise _fail("--url needs --key (an admin key) or PRELABEL_ADMIN_KEY")
                 run(url, admin, n)
             else:  # a fresh server per seed: no model or queue state carries over
-                with embedded_server() as (server, admin):
+                with embedded_server(server_env) as (server, admin):
                     run(server, admin, n)
     except SimulationError as exc:
         raise _fail(f"simulation failed: {exc}") from exc

@@ -103,6 +103,21 @@ def _group_alive(group: int) -> bool:
     return True
 
 
+# the server's suggestion target in the subset run: the three ranks are easy (94-100% right
+# out of fold), so only a strict target makes some models hold back their less sure answers
+MIN_PRECISION = 0.99
+
+
+@pytest.mark.parametrize("setting", ["SUGGESTION_MIN_PRECISION=0.7", "PRELABEL_X"])
+def test_server_setting_needs_a_prelabel_name_and_value(tmp_path: Path, setting: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "service.cli", "simulate", str(tmp_path), "--format", "folders",
+         "--task", "multiclass", "--out", str(tmp_path / "out"), "--server-setting", setting],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "PRELABEL_NAME=VALUE" in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()  # refused before anything started
+
+
 def test_simulate_cards_subset(tmp_path: Path) -> None:
     dataset = crop_folders(tmp_path / "crops")
     out = tmp_path / "out"
@@ -110,11 +125,15 @@ def test_simulate_cards_subset(tmp_path: Path) -> None:
         [sys.executable, "-m", "service.cli", "simulate", str(dataset), "--format", "folders",
          "--task", "multiclass", "--out", str(out), "--order", "uncertainty", "--order", "diverse",
          "--order", "random",
-         "--checkpoints", "5,10", "--seed", "1", "--seed", "2"],
+         "--checkpoints", "5,10", "--seed", "1", "--seed", "2",
+         "--server-setting", f"PRELABEL_SUGGESTION_MIN_PRECISION={MIN_PRECISION}"],
         cwd=REPO, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for n in (1, 2):
         check_seed(out / f"seed-{n}")
+    floors = [m["suggestion_floor"]["min_confidence"] for n in (1, 2) for s in json.loads(
+        (out / f"seed-{n}" / "summary.json").read_text())["sessions"] for m in s["models"]]
+    assert any(f > 0 for f in floors), floors  # the setting reached the server's worker
 
     # the means over the two seeds
     agg = json.loads((out / "summary.json").read_text())
@@ -150,17 +169,37 @@ def check_seed(out: Path) -> None:
         assert len({st["image_id"] for st in steps}) == 34
         assert [st["step"] for st in steps] == list(range(1, 35))
         outcomes = [st["outcome"] for st in steps]
-        first = s["labels_until_first_suggestion"]
-        # no suggestion before the first model (5 labels per class at least), one after
+        first = s["labels_until_first_model"]
+        # no suggestion before the first model (5 labels per class at least); after it each
+        # image gets one, or none where the model is not sure enough (withheld)
         assert first is not None and first >= 15
-        assert set(outcomes[:first]) == {"absent"} and "absent" not in outcomes[first:]
-        shown = outcomes[first:]
-        assert s["accepted_after_first_model"] == pytest.approx(
-            shown.count("accepted") / len(shown), abs=1e-4)
+        assert set(outcomes[:first]) == {"absent"}
+        assert set(outcomes[first:]) <= {"accepted", "corrected", "withheld"}
+        modeled = steps[first:]
+        shown = [st for st in modeled if st["outcome"] != "withheld"]
+        accepted = [st for st in shown if st["outcome"] == "accepted"]
+        assert s["labels_until_first_suggestion"] == shown[0]["labels_before"]
+        assert s["suggested_after_first_model"] == pytest.approx(len(shown) / len(modeled),
+                                                                 abs=1e-4)
+        assert s["accepted_after_first_model"] == pytest.approx(len(accepted) / len(shown),
+                                                                abs=1e-4)
+        assert s["images_accepted_after_first_model"] == pytest.approx(
+            len(accepted) / len(modeled), abs=1e-4)
         assert s["accepted_after_first_model"] >= 0.5  # acceptance rises from 0 with a model
-        assert all(st["suggested_tags"] for st in steps[first:])
+        assert all(st["suggested_tags"] for st in shown)
+        # each model's floor, chosen on its held-out predictions for the server's target,
+        # decides what was pre-filled: withheld exactly under it
+        floors = {m["version"]: m["suggestion_floor"] for m in s["models"]}
+        assert {st["model_version"] for st in modeled} <= set(floors)
+        for floor in floors.values():
+            assert floor["target_precision"] == MIN_PRECISION, floor
+            assert floor["precision"] is None or floor["precision"] >= MIN_PRECISION, floor
+        for st in modeled:
+            below = st["confidence"] < floors[st["model_version"]]["min_confidence"]
+            assert (st["outcome"] == "withheld") == below, st
+            assert ("suggested_tags" in st) != below
         # acceptance by confidence: fewer suggestions at each higher cut, counted from the steps
-        conf = [(st["confidence"], st["outcome"]) for st in steps[first:]
+        conf = [(st["confidence"], st["outcome"]) for st in shown
                 if st["labels_before"] >= s["after_labels"]]
         for row in s["accepted_by_confidence"]:
             sure = [o for c, o in conf if c >= row["min_confidence"]]
@@ -173,15 +212,18 @@ def check_seed(out: Path) -> None:
             assert c["metric"] is None or 0 <= c["metric"] <= 1
         time = s["annotator_seconds"]
         assert time["with_suggestions"] < time["without_suggestions"] == 34 * 3.0
+        # a withheld image costs what labeling it alone does; a shown one 1 s, or 1 s + 3 s
+        assert time["with_suggestions"] == pytest.approx(
+            3.0 * (34 - len(shown)) + 1.0 * len(accepted) + 4.0 * (len(shown) - len(accepted)))
     # both orders start alike (upload order, no model); then uncertainty follows the model
-    first = summary["sessions"][0]["labels_until_first_suggestion"]
+    first = summary["sessions"][0]["labels_until_first_model"]
     active, baseline = logs["uncertainty"], logs["random"]
     assert [st["file"] for st in active[:first]] == [st["file"] for st in baseline[:first]]
     assert all(st["uncertainty"] is not None for st in active[first:])
     assert [st["file"] for st in active[first:]] != [st["file"] for st in baseline[first:]]
     # diverse starts from the same first image, then spreads out (k-center before a model)
     diverse = logs["diverse"]
-    first = next(s["labels_until_first_suggestion"] for s in summary["sessions"]
+    first = next(s["labels_until_first_model"] for s in summary["sessions"]
                  if s["order"] == "diverse")
     assert diverse[0]["file"] == baseline[0]["file"]
     assert [st["file"] for st in diverse[:first]] != [st["file"] for st in baseline[:first]]

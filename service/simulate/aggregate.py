@@ -10,7 +10,14 @@ from typing import Any
 
 import numpy as np
 
-from service.simulate.report import confident_text, fewer_text, fmt, save_panels, two_panels
+from service.simulate.report import (
+    SHOWN,
+    confident_text,
+    fewer_text,
+    fmt,
+    save_panels,
+    two_panels,
+)
 
 # levels, as shares of random order's final metric, that the labels needed are compared at
 LEVELS = (0.8, 0.9, 0.95, 1.0)
@@ -27,7 +34,7 @@ def _acceptance_bins(steps: Sequence[dict[str, Any]], width: int, detection: boo
     bin's last label count."""
     bins: dict[int, list[dict[str, Any]]] = {}
     for s in steps:
-        if s["outcome"] != "absent":
+        if s["outcome"] in SHOWN:
             bins.setdefault((s["labels_before"] // width + 1) * width, []).append(s)
     out = {}
     for end, part in bins.items():
@@ -67,6 +74,8 @@ def aggregate(seed_dirs: Sequence[Path], bin_width: int) -> dict[str, Any]:
             "accepted_after_first_model": _mean([x["accepted_after_first_model"]
                                                  for x in sessions]),
             "accepted_after": _mean([x.get("accepted_after") for x in sessions]),
+            "suggested_after": _mean([x.get("suggested_after") for x in sessions]),
+            "images_accepted_after": _mean([x.get("images_accepted_after") for x in sessions]),
             "after_labels": sessions[0].get("after_labels"),
             "boxes_unchanged_after": _mean([x.get("boxes_unchanged_after") for x in sessions]),
             "saved_share": _mean([x["annotator_seconds"]["saved_share"] for x in sessions]),
@@ -117,6 +126,12 @@ def markdown(agg: dict[str, Any], title: str) -> str:
              [fmt(o["accepted_after_first_model"], True) for o in orders.values()]),
             (f"... after {orders[names[0]]['after_labels']} labels",
              [fmt(o["accepted_after"], True) for o in orders.values()])]
+    if agg["task"] != "detection":
+        rows += [(f"images that got a suggestion, after {orders[names[0]]['after_labels']} "
+                  "labels", [fmt(o.get("suggested_after"), True) for o in orders.values()]),
+                 (f"images accepted unchanged (of all), after "
+                  f"{orders[names[0]]['after_labels']} labels",
+                  [fmt(o.get("images_accepted_after"), True) for o in orders.values()])]
     if agg["task"] == "detection":
         rows.append((f"boxes accepted unchanged after {orders[names[0]]['after_labels']} labels",
                      [fmt(o["boxes_unchanged_after"], True) for o in orders.values()]))

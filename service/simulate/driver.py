@@ -148,6 +148,11 @@ def markdown(summary: dict[str, Any], title: str) -> str:
         rows.append((f"... after {sessions[0].get('after_labels')} labels",
                      lambda s: fmt(s.get("boxes_unchanged_after"), True)))
     else:
+        rows.append((f"images that got a suggestion, after {sessions[0].get('after_labels')} "
+                     "labels", lambda s: fmt(s.get("suggested_after"), True)))
+        rows.append((f"images accepted unchanged (of all), after "
+                     f"{sessions[0].get('after_labels')} labels",
+                     lambda s: fmt(s.get("images_accepted_after"), True)))
         for i, cut in enumerate(CONFIDENCE_CUTS):
             rows.append((f"... of those, at confidence >= {cut}: share shown, accepted",
                          lambda s, i=i: confident_text(s["accepted_by_confidence"][i])))

@@ -12,6 +12,14 @@ from service.simulate.run import Session
 
 # confidence cuts the summary breaks classification acceptance down by
 CONFIDENCE_CUTS = (0.5, 0.7, 0.9)
+# step outcomes where the annotator saw a suggestion ("absent": no model yet; "withheld": a
+# model, but not sure enough of this image to pre-fill anything)
+SHOWN = ("accepted", "corrected")
+
+
+def shown_steps(steps: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The steps where a suggestion was shown."""
+    return [s for s in steps if s["outcome"] in SHOWN]
 
 
 @dataclass(frozen=True)
@@ -46,7 +54,7 @@ def step_seconds(step: dict[str, Any], costs: Costs, detection: bool) -> tuple[f
                     + costs.draw_box * edits["added"]) or costs.verify_tag
         return manual, assisted
     manual = costs.tag * max(1, len(step["true_tags"]))
-    if step["outcome"] == "absent":
+    if step["outcome"] not in SHOWN:
         return manual, manual
     if step["outcome"] == "accepted":
         return manual, costs.verify_tag
@@ -80,21 +88,30 @@ def summarize(session: Session, costs: Costs, after_labels: int | None = None) -
     labels on (e.g. 5 per class, or 50 images)."""
     steps = session.steps
     detection = session.task == "detection"
-    first = next((s["labels_before"] for s in steps if s["outcome"] != "absent"), None)
-    shown = [s for s in steps if s["outcome"] != "absent"]
+    modeled = [s for s in steps if s["outcome"] != "absent"]
+    shown = shown_steps(steps)
     out: dict[str, Any] = {
         "order": session.order, "task": session.task, "classes": len(session.classes),
         "pool": session.pool, "holdout": session.holdout, "labels": len(steps),
-        "labels_until_first_suggestion": first,
+        "labels_until_first_model": modeled[0]["labels_before"] if modeled else None,
+        "labels_until_first_suggestion": shown[0]["labels_before"] if shown else None,
+        # of the suggestions shown; "suggested" is the share of images that got one, and
+        # "images_accepted" the share of all images after the first model accepted unchanged
         "accepted_after_first_model": _share(shown),
+        "suggested_after_first_model": _ratio(len(shown), len(modeled)),
+        "images_accepted_after_first_model": _share(modeled),
         "seconds": round(session.seconds, 1), "training_wait_s": round(session.training_wait_s, 1),
         "embedding_wait_s": round(session.embedding_wait_s, 1),
         "checkpoints": session.checkpoints,
+        "models": session.models,
     }
     if after_labels is not None:
         late = [s for s in shown if s["labels_before"] >= after_labels]
+        late_modeled = [s for s in modeled if s["labels_before"] >= after_labels]
         out["after_labels"] = after_labels
         out["accepted_after"] = _share(late)
+        out["suggested_after"] = _ratio(len(late), len(late_modeled))
+        out["images_accepted_after"] = _share(late_modeled)
         if detection:
             out["boxes_unchanged_after"] = _box_share(late)
         else:
@@ -123,6 +140,10 @@ def by_confidence(shown: Sequence[dict[str, Any]],
                     "share_of_suggestions": round(len(sure) / len(shown), 4) if shown else None,
                     "accepted": _share(sure)})
     return out
+
+
+def _ratio(part: int, whole: int) -> float | None:
+    return round(part / whole, 4) if whole else None
 
 
 def _share(steps: Sequence[dict[str, Any]]) -> float | None:
@@ -163,7 +184,7 @@ def acceptance_curve(session: Session, window: int = 20) -> tuple[list[int], lis
     """Share of suggestions accepted over a sliding window of steps (detection: share of the
     true boxes accepted unchanged; whole images rarely are), against labels."""
     xs, ys = [], []
-    shown = [s for s in session.steps if s["outcome"] != "absent"]
+    shown = shown_steps(session.steps)
     window = min(window, len(shown))
     for end in range(window, len(shown) + 1, max(1, window // 4)) if window else ():
         part = shown[end - window:end]

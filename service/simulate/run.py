@@ -64,6 +64,8 @@ class Session:
     seconds: float = 0.0
     training_wait_s: float = 0.0
     embedding_wait_s: float = 0.0
+    # every model version the session saw trained: labels, promotion, suggestion floor
+    models: list[dict[str, Any]] = field(default_factory=list)
 
 
 class _Target(NamedTuple):
@@ -173,6 +175,12 @@ class Simulation:
             if log:
                 log.close()
         self.session.seconds = time.monotonic() - start
+        self.session.models = [
+            {"version": m["version"], "promoted": m["promoted"],
+             "labeled_images": (m["metrics"] or {}).get("labeled_images"),
+             "suggestion_floor": (m["metrics"] or {}).get("suggestion_floor")}
+            for m in sorted(self.client.call("GET", f"/projects/{self.pid}/models"),
+                            key=lambda m: m["version"])]
         return self.session
 
     def step(self, iid: int, labels_before: int) -> dict[str, Any]:
@@ -189,6 +197,11 @@ class Simulation:
             step["boxes_true"] = len(truth.boxes)
         if suggestion is None:
             step["outcome"] = "absent"
+            body["source"] = "manual"
+        elif self.task == "multiclass" and not suggestion["tags"]:
+            # a model exists but does not vouch for its top class here: nothing is pre-filled
+            step["outcome"] = "withheld"
+            step["confidence"] = suggestion["scores"][0]["confidence"]
             body["source"] = "manual"
         else:
             if truth.boxes is not None:
