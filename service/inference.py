@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image as PILImage
@@ -49,7 +51,7 @@ class LoadedModel:
                    min_confidence=min_confidence(row.metrics or {}))
 
 
-def min_confidence(metrics: dict) -> float:
+def min_confidence(metrics: Mapping[str, Any]) -> float:
     """A version's multiclass suggestion floor (0 for versions published before it existed)."""
     floor = metrics.get("suggestion_floor")
     return float(floor["min_confidence"]) if isinstance(floor, dict) else 0.0
