@@ -64,7 +64,8 @@ class Session:
     seconds: float = 0.0
     training_wait_s: float = 0.0
     embedding_wait_s: float = 0.0
-    # every model version the session saw trained: labels, promotion, suggestion floor
+    # every model version the session trained: its labels, whether it is the promoted one at
+    # the end, and its suggestion floor
     models: list[dict[str, Any]] = field(default_factory=list)
 
 
