@@ -47,9 +47,10 @@ BCCD = DATASETS / "bccd"
 BCCD_CLASSES = ("RBC", "WBC", "Platelets")
 CARD_CLASSES = ("ace", "king", "nine", "jack", "queen", "ten")
 # Short CPU run for the quality floor (models/README.md has 300 s runs). Measured on the shared
-# 2-core box: bccd test mAP@.5 0.78 and 0.80 (mAP@[.5:.95] 0.39 and 0.41) after this 150 s run
-# (about two epochs); one epoch reaches ~0.67, so the floor holds on a slower, busier machine.
-TRAIN_BUDGET_S = 150.0
+# 2-core box: bccd test mAP@.5 0.78 and 0.80 (mAP@[.5:.95] 0.39 and 0.41) after 150 s (about
+# two epochs); one epoch reaches ~0.67. A later 2-core box reached only 0.14 in 150 s, idle,
+# and 0.81 in 300 s: the budget is 300 s so the floor holds on the slower machines.
+TRAIN_BUDGET_S = 300.0
 MAP50_FLOOR = 0.6
 # Cards, 100 labeled images, 150 s: test mAP@.5 0.27 measured on the 2-core box (busy with a
 # pip install); the floor keeps a wide margin for slower machines.
