@@ -49,6 +49,7 @@ from torchvision import transforms
 from models.backbone import EMBED_DIM, INPUT_SIZE, MEAN, STD, backbone_id, load_backbone
 from service.db import sessionmaker_for
 from service.settings import Settings
+from service.simulate.driver import group_alive
 from service.storage import LocalBlobStore, image_key, sha256_hex
 from service.tables import Annotation, Embedding, Image
 from tests.conftest import DATASETS
@@ -235,18 +236,10 @@ class Server:
             with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
         with suppress(TimeoutError):
-            wait_for(lambda: not _group_alive(pgid), 30, 0.2, "worker processes to exit")
+            wait_for(lambda: not group_alive(pgid), 30, 0.2, "worker processes to exit")
         with suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)
         self.proc.wait(timeout=10)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def server_env(data_dir: Path, admin_key: str,

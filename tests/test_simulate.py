@@ -17,6 +17,7 @@ import pytest
 from service.simulate.aggregate import aggregate
 from service.simulate.aggregate import markdown as aggregate_markdown
 from service.simulate.compare import compare_boxes
+from service.simulate.driver import group_alive
 from tests.conftest import REPO
 from tests.images import card_crops
 
@@ -87,20 +88,12 @@ def test_stopped_simulation_stops_its_server(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 128 + signal.SIGTERM
         deadline = time.monotonic() + 30
-        while _group_alive(group):  # the server leads its group: API and worker are in it
+        while group_alive(group):  # the server leads its group: API and worker are in it
             assert time.monotonic() < deadline, "the server outlived the simulation"
             time.sleep(0.2)
     finally:
         if proc.poll() is None:
             proc.kill()
-
-
-def _group_alive(group: int) -> bool:
-    try:
-        os.killpg(group, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 # the server's suggestion target in the subset run: the three ranks are easy (94-100% right

@@ -35,6 +35,15 @@ from service.simulate.run import LISTED_ORDERS, SimConfig, Simulation, split_hol
 from service.simulate.truth import load_truth
 
 
+def group_alive(pgid: int) -> bool:
+    """True while any process of the process group ``pgid`` is alive."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def free_port() -> int:
     """A TCP port free right now on 127.0.0.1."""
     with socket.socket() as sock:
