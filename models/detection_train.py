@@ -333,8 +333,10 @@ def _head_first(
     try:
         # At most a third of the phase goes to computing features.
         cache_s = (phase.end - phase.start) / 3 if phase.end is not None else None
-        cache = cache_features(model, data, device, settings.cached_variants, cache_s,
-                               settings.cache_max_bytes)
+        # Each pass draws one view of each image: views beyond the passes the phase may make
+        # would never be used (an epoch-capped CPU run spent most of its head phase on them).
+        variants = min(settings.cached_variants, phase.max_epochs)
+        cache = cache_features(model, data, device, variants, cache_s, settings.cache_max_bytes)
         logger.info("head-first: %d views of %d images cached in %.1f s", cache.variants,
                     len(data), cache.seconds)
         params = [p for p in model.parameters() if p.requires_grad]

@@ -41,8 +41,10 @@ class Settings(BaseSettings):
     lease_seconds: int = 30  # DB lease on a running run; heartbeats renew it
     reconcile_interval_seconds: int = 10
     requeue_after_seconds: int = 60  # re-send QUEUED runs / unembedded images older than this
-    detection_train_seconds: float = 900  # time budget of one detector training run
-    detection_max_epochs: int = 40
+    # time budget of one detector training run; 0: none, the run ends at detection_max_epochs
+    # (or early stopping), so it gives the same detector on a slow machine as on a fast one
+    detection_train_seconds: float = Field(900, ge=0)
+    detection_max_epochs: int = Field(40, ge=1)
     # re-classify detected boxes from crops when that wins on the held-out images (costs up to
     # ~10 ms per box at serving; models/box_classifier.py)
     detection_crop_stage: bool = True

@@ -181,3 +181,17 @@ def test_detection_stats_count_images_per_class(api: Api) -> None:
                 for c in ("RBC", "WBC", "Platelets")}
     assert {c["name"]: c["labeled_images"] for c in stats["classes"]} == expected
     assert stats["labeled"] == 3
+
+
+def test_detection_budget_settings(tmp_path: Path) -> None:
+    """Seconds 0 leaves the epoch cap in charge; a negative budget or a zero cap is refused."""
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+    from workers.detection import train_budget
+
+    assert train_budget(Settings(data_dir=tmp_path)) == 900
+    assert train_budget(Settings(data_dir=tmp_path, detection_train_seconds=0)) is None
+    for bad in ({"detection_train_seconds": -1}, {"detection_max_epochs": 0}):
+        with pytest.raises(ValidationError):
+            Settings(data_dir=tmp_path, **bad)

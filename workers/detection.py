@@ -38,6 +38,7 @@ from workers.labeled import RunFailed
 if TYPE_CHECKING:  # torch stays out of this module's import
     from models.box_classifier import BoxClassifier, BoxClassifierFit
     from models.detection_train import DetectorTrainResult
+    from service.settings import Settings
 
 log = logging.getLogger(__name__)
 HOLDOUT_FRACTION = 0.2  # of labeled images, by sha256: an image keeps its side across runs
@@ -205,6 +206,11 @@ def export_bytes(config: Any, state_dict: dict[str, Any],
         return path.read_bytes()
 
 
+def train_budget(settings: Settings) -> float | None:
+    """Seconds one detector run may take, crop stage included (None: only the epoch cap)."""
+    return settings.detection_train_seconds or None
+
+
 def fit_crop_stage(ctx: WorkerContext, result: DetectorTrainResult,
                    train: Sequence[DetectionSample], val: Sequence[DetectionSample],
                    num_classes: int, device: Any,
@@ -224,11 +230,12 @@ def fit_crop_stage(ctx: WorkerContext, result: DetectorTrainResult,
 
     model = load_detector(result.config, result.state_dict).to(device)
     val_dets = predict_detections(model, [s.image for s in val], device)
+    budget = train_budget(ctx.settings)
     try:
         config = BoxClassifierConfig(min_gain=ctx.settings.detection_crop_min_gain)
         return fit_box_classifier(train, val, val_dets, num_classes, device, config,
-                                  should_stop=should_stop, budget_s=crop_stage_reserve(
-                                      ctx.settings.detection_train_seconds))
+                                  should_stop=should_stop,
+                                  budget_s=None if budget is None else crop_stage_reserve(budget))
     except ValueError as exc:  # e.g. the head diverged: the detector alone still serves
         log.warning("crop stage not trained: %s", exc)
         return BoxClassifierFit(None, f"not trained: {exc}")
@@ -265,8 +272,8 @@ def train_detector_run(ctx: WorkerContext, session: Session, project_id: int,
     # One intra-op thread on the CPU: in a forked pool process a second OpenMP thread made
     # training ~3x slower whenever the other core was busy (measured: 1.9 vs 6.3 epochs in the
     # same 150 s), and a busy second core is the normal case (API, other worker slot).
-    budget = ctx.settings.detection_train_seconds
-    if ctx.settings.detection_crop_stage:
+    budget = train_budget(ctx.settings)
+    if ctx.settings.detection_crop_stage and budget is not None:
         budget -= crop_stage_reserve(budget)  # the whole run stays within the setting
     settings = TrainConfig(time_budget_s=budget,
                            max_epochs=ctx.settings.detection_max_epochs, threads=1)

@@ -46,18 +46,21 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 BCCD = DATASETS / "bccd"
 BCCD_CLASSES = ("RBC", "WBC", "Platelets")
 CARD_CLASSES = ("ace", "king", "nine", "jack", "queen", "ten")
-# Short CPU run for the quality floor (models/README.md has 300 s runs). Measured on the shared
-# 2-core box: bccd test mAP@.5 0.78 and 0.80 (mAP@[.5:.95] 0.39 and 0.41) after 150 s (about
-# two epochs); one epoch reaches ~0.67. A later 2-core box reached only 0.14 in 150 s, idle,
-# and 0.81 in 300 s: the budget is 300 s so the floor holds on the slower machines.
-TRAIN_BUDGET_S = 300.0
+# Short CPU runs for the quality floors (models/README.md has 300 s runs). They are capped in
+# epochs, not seconds: under a time budget a slower or busier CI machine trained less and missed
+# the floors (bccd 0.14 in 150 s; cards with the crop stage 0.33 in 150 s), while an epoch cap
+# gives the same training anywhere, only sooner or later.
+# bccd, 2 head-first epochs + 1 end to end: test mAP@.5 0.82 (220 s beside another run on the
+# 2-core box; one epoch reaches ~0.67).
+TRAIN_EPOCHS = 3
 MAP50_FLOOR = 0.6
-# Cards, 100 labeled images, 150 s: test mAP@.5 0.27 measured on the 2-core box (busy with a
-# pip install); the floor keeps a wide margin for slower machines.
-CARDS_BUDGET_S = 150.0
+# Cards, 100 labeled images, 3 head-first + 4 end-to-end epochs: test mAP@.5 0.224 (the same to
+# the last digit in two runs; the best validation mAP@.5 0.58 at epoch 6; 240 s beside another
+# run).
+CARDS_EPOCHS, CARDS_HEAD_FIRST = 7, 0.3
 CARDS_MAP50_FLOOR = 0.15
-# The same run with the crop stage (models/box_classifier.py): 0.555 measured (the detector
-# alone 0.33 in that run) with two other jobs on the 2-core box.
+# The same run with the crop stage (models/box_classifier.py, 800 training views): 0.498 (the
+# 150 s budget had given 0.555 and 0.33, depending on the machine).
 CARDS_RESCORED_MAP50_FLOOR = 0.4
 
 
@@ -78,7 +81,7 @@ def bccd() -> dict[str, list[DetectionSample]]:
 def trained(bccd: dict[str, list[DetectionSample]]) -> DetectorTrainResult:
     config = config_for(bccd["train"], len(BCCD_CLASSES))
     assert config.min_size == 320 and config.anchor_sizes == (4, 8, 16, 32, 64)  # platelets
-    settings = TrainConfig(max_epochs=10, time_budget_s=TRAIN_BUDGET_S, threads=1, seed=0)
+    settings = TrainConfig(max_epochs=TRAIN_EPOCHS, time_budget_s=None, threads=1, seed=0)
     # A third of the validation split keeps the per-epoch validation cheap.
     return train_detector(bccd["train"], bccd["val"][::3], config, "cpu", settings)
 
@@ -87,8 +90,8 @@ def test_short_training_reaches_map_floor(
     trained: DetectorTrainResult, bccd: dict[str, list[DetectionSample]]
 ) -> None:
     assert trained.device == "cpu"
-    assert trained.stop_reason in ("time_budget", "max_epochs", "early_stop")
-    assert trained.seconds < TRAIN_BUDGET_S + 60
+    assert trained.stop_reason in ("max_epochs", "early_stop")
+    assert trained.epochs <= TRAIN_EPOCHS and trained.head_epochs == 2
     assert trained.history and all(h.val_map50 is not None for h in trained.history)
     assert [h.seconds for h in trained.history] == sorted(h.seconds for h in trained.history)
     assert trained.best_map50 == max(h.val_map50 or 0.0 for h in trained.history)
@@ -119,7 +122,8 @@ def test_short_training_on_cards_reaches_map_floor() -> None:
     test, _ = load_voc_samples(sorted((CARDS / "test").glob("*.xml")), CARD_CLASSES)
     config = config_for(train, len(CARD_CLASSES))
     assert config.anchor_sizes is None  # cards are large: the standard level sizes
-    settings = TrainConfig(max_epochs=100, time_budget_s=CARDS_BUDGET_S, threads=1, seed=0)
+    settings = TrainConfig(max_epochs=CARDS_EPOCHS, time_budget_s=None, threads=1, seed=0,
+                           head_first=CARDS_HEAD_FIRST)
     result = train_detector(train, val, config, "cpu", settings)
     assert result.head_epochs > 0 and result.cached_variants >= 1
     assert {h.phase for h in result.history} == {"head", "finetune"}
@@ -275,10 +279,14 @@ def test_training_with_negative_images_and_cancellation(
     assert len(result.history) == 1 and math.isfinite(result.history[0].loss)
     assert seen == sorted(seen) and seen[-1] == 1.0
 
-    # Head first: 2 of 4 epochs on cached features (3 views per image), then 2 end to end.
+    # Head first: 2 of 4 epochs on cached features, then 2 end to end. Two passes draw one
+    # view of each image each: the third view asked for would never be used, so it is not made.
     two_phase = dataclasses.replace(settings, max_epochs=4, head_first=0.5, cached_variants=3)
     result = train_detector(negatives + positives, positives, config, "cpu", two_phase)
-    assert result.head_epochs == 2.0 and result.cached_variants == 3
+    assert result.head_epochs == 2.0 and result.cached_variants == 2
+    one_view = dataclasses.replace(two_phase, cached_variants=1)
+    assert train_detector(negatives + positives, positives, config, "cpu",
+                          one_view).cached_variants == 1
     assert result.epochs == 4.0 and result.stop_reason == "max_epochs"
     # passes of 3 steps are shorter than 200 images: the head phase validates once, at its end
     assert [h.phase for h in result.history] == ["head", "finetune", "finetune"]
