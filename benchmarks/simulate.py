@@ -1,7 +1,7 @@
 """What pre-labeling saves, measured with ``prelabel simulate`` on the shared datasets.
 
 Scenarios (each: uncertainty order vs random order, a fresh ``prelabel serve`` started by the
-simulator, CPU):
+simulator; CPU unless ``--device`` says otherwise):
 
 - ``cards-classification``: the cards as 6-class classification, a folder per rank of the
   card crops derived from the VOC boxes (train and test photos);
@@ -14,7 +14,7 @@ Writes ``benchmarks/results/simulate/<scenario>/`` (``summary.{json,md}``, ``cur
     .venv/bin/python benchmarks/simulate.py cards-classification [--max-labels N]
         [--train-seconds S] [--min-images-per-class N] [--checkpoints 5,10,25,50,100]
         [--seeds 0,1,2] [--orders uncertainty,random] [--suggestion-min-precision 0.85]
-        [--out FOLDER]
+        [--device cpu|cuda|auto] [--out FOLDER]
 """
 
 from __future__ import annotations
@@ -84,10 +84,12 @@ def main() -> None:
     parser.add_argument("--suggestion-min-precision", type=float, default=None,
                         help="multiclass: suggest only where held-out predictions of that "
                              "confidence were this often right (default: the service's)")
+    parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
+                        help="where the server's worker trains (default: cpu, as in CI)")
     parser.add_argument("--out", type=Path, default=None,
                         help="result folder (default: benchmarks/results/simulate/<scenario>)")
     args = parser.parse_args()
-    env = {"PRELABEL_DEVICE": "cpu"}
+    env = {"PRELABEL_DEVICE": args.device}
     if args.suggestion_min_precision is not None:
         env["PRELABEL_SUGGESTION_MIN_PRECISION"] = str(args.suggestion_min_precision)
     if args.train_seconds:
