@@ -151,6 +151,8 @@ def check_seed(out: Path) -> None:
     """One seed's logs and summary are consistent."""
     summary = json.loads((out / "summary.json").read_text())
     assert summary["images"] == 42 and sorted(summary["classes"]) == sorted(RANKS)
+    # the labeled import queued a run for the ground-truth project; it would only take a slot
+    assert summary["ground_truth_runs_cancelled"] == 1
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| labels given | 34 | 34 | 34 |" in (out / "summary.md").read_text()
     logs = {s["order"]: [json.loads(line) for line in (out / f"{s['order']}.jsonl").open()]

@@ -126,6 +126,7 @@ def simulate(url: str, key: str, dataset: Path, fmt: str, task: str, orders: Seq
     summary: dict[str, Any] = {
         "dataset": str(dataset), "format": fmt, "task": task, "classes": classes,
         "images": len(truth), "import_problems": report.get("problems", [])[:20],
+        "ground_truth_runs_cancelled": report["ground_truth_runs_cancelled"],
         "seed": config.seed, "holdout_share": holdout,
         "sessions": [summarize(s, costs, after) for s in sessions]}
     by_order = {s.order: s for s in sessions}

@@ -8,7 +8,7 @@ import io
 import zipfile
 from pathlib import Path
 
-from service.simulate.client import Client, SimulationError
+from service.simulate.client import ACTIVE, Client, SimulationError
 from service.simulate.run import Truth
 
 ARCHIVES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2")
@@ -31,10 +31,19 @@ def dataset_archive(path: Path) -> tuple[str, bytes]:
 
 def load_truth(client: Client, path: Path, fmt: str, task: str,
                timeout: float = 1800) -> tuple[list[str], list[Truth], dict[str, object]]:
-    """(classes, labeled images, the import report) of a dataset folder or archive."""
+    """(classes, labeled images, the import report) of a dataset folder or archive; the
+    training run the import queued is cancelled (counted in the report)."""
     _, archive = dataset_archive(path)
     pid = client.create_project(f"ground truth: {path.name}"[:200], task, [])
     report = client.import_archive(pid, archive, fmt, timeout)
+    # The import queued a training run: nobody asks this project for suggestions, and
+    # that run would take a worker slot and a core from the sessions' own time-budgeted runs.
+    cancelled = 0
+    for run in client.runs(pid):
+        if run["status"] in ACTIVE:
+            client.call("POST", f"/training-runs/{run['id']}/cancel", expect=(200, 409))
+            cancelled += 1
+    report = {**report, "ground_truth_runs_cancelled": cancelled}
     classes = list(client.call("GET", f"/projects/{pid}")["classes"])
     truth = []
     for image in client.images(pid, status="labeled"):
