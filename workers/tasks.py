@@ -66,9 +66,10 @@ def one_intra_op_thread(**_: object) -> None:
     import torch
 
     # A process forked after its parent ran a multi-threaded torch op hangs in its own first
-    # one: the OpenMP thread pool does not survive fork. On an H200 detector training in a pool
-    # process never finished (a 5 s run waited 7 minutes), since only CPU training pinned one
-    # thread; with one thread it trained in 5 s. CPU training already uses one thread per slot.
+    # one: the OpenMP thread pool does not survive fork (tests/test_pool_threads.py). On an H200
+    # detector training in pool processes never finished (7 minutes for a run that takes 5 s
+    # in-process): unlike CPU training, the GPU path did not pin one thread. Forked there with
+    # one thread, the run took 5 s. CPU training already uses one thread per slot.
     torch.set_num_threads(1)
 
 
