@@ -68,8 +68,9 @@ def one_intra_op_thread(**_: object) -> None:
     # A process forked after its parent ran a multi-threaded torch op hangs in its own first
     # one: the OpenMP thread pool does not survive fork (tests/test_pool_threads.py). On an H200
     # detector training in pool processes never finished (7 minutes for a run that takes 5 s
-    # in-process): unlike CPU training, the GPU path did not pin one thread. Forked there with
-    # one thread, the run took 5 s. CPU training already uses one thread per slot.
+    # in-process), and unlike CPU training the GPU path did not pin one thread; forked there
+    # with one thread, the run took 5 s. That this was the worker's hang is likely, not shown.
+    # CPU training already uses one thread per slot, so nothing changes on the CPU.
     torch.set_num_threads(1)
 
 
