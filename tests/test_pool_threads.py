@@ -9,9 +9,8 @@ import torch
 from workers.tasks import one_intra_op_thread
 
 
-def _multi_threaded_work(init: bool) -> None:
-    if init:
-        one_intra_op_thread()
+def _pool_process() -> None:
+    one_intra_op_thread()  # what Celery runs first in each pool process
     (torch.rand(2000, 2000) + 1).sum()  # large enough to run in parallel
 
 
@@ -24,7 +23,7 @@ def test_pool_process_runs_torch_after_the_parent_used_threads() -> None:
     try:
         (torch.rand(2000, 2000) + 1).sum()  # the parent's thread pool now exists
         fork = multiprocessing.get_context("fork")
-        child = fork.Process(target=_multi_threaded_work, args=(True,))
+        child = fork.Process(target=_pool_process)
         child.start()
         child.join(timeout=60)
         hung = child.is_alive()
