@@ -12,9 +12,9 @@ Writes ``benchmarks/results/simulate/<scenario>/`` (``summary.{json,md}``, ``cur
 ``<order>.jsonl`` step log per order) and prints the summaries; it never asserts.
 
     .venv/bin/python benchmarks/simulate.py cards-classification [--max-labels N]
-        [--train-seconds S] [--min-images-per-class N] [--checkpoints 5,10,25,50,100]
-        [--seeds 0,1,2] [--orders uncertainty,random] [--suggestion-min-precision 0.85]
-        [--device cpu|cuda|auto] [--out FOLDER]
+        [--train-seconds S] [--max-epochs N] [--min-images-per-class N]
+        [--checkpoints 5,10,25,50,100] [--seeds 0,1,2] [--orders uncertainty,random]
+        [--suggestion-min-precision 0.85] [--device cpu|cuda|auto] [--out FOLDER]
 """
 
 from __future__ import annotations
@@ -73,7 +73,10 @@ def main() -> None:
     parser.add_argument("scenario", choices=SCENARIOS)
     parser.add_argument("--max-labels", type=int, default=None)
     parser.add_argument("--train-seconds", type=float, default=None,
-                        help="detection training budget per run (default: the service's)")
+                        help="detection training budget per run (default: the service's); "
+                             "0: none, each run ends at the epoch cap (load-independent)")
+    parser.add_argument("--max-epochs", type=int, default=None,
+                        help="detection epoch cap per run (default: the service's)")
     parser.add_argument("--checkpoints", default="5,10,25,50,100")
     parser.add_argument("--min-images-per-class", type=int, default=None,
                         help="detection policy: images per class before a first model "
@@ -92,8 +95,10 @@ def main() -> None:
     env = {"PRELABEL_DEVICE": args.device}
     if args.suggestion_min_precision is not None:
         env["PRELABEL_SUGGESTION_MIN_PRECISION"] = str(args.suggestion_min_precision)
-    if args.train_seconds:
+    if args.train_seconds is not None:
         env["PRELABEL_DETECTION_TRAIN_SECONDS"] = str(args.train_seconds)
+    if args.max_epochs is not None:
+        env["PRELABEL_DETECTION_MAX_EPOCHS"] = str(args.max_epochs)
     if args.min_images_per_class:
         env["PRELABEL_MIN_LABELS_PER_CLASS_DETECTION"] = str(args.min_images_per_class)
     seeds = [int(s) for s in args.seeds.split(",")]
