@@ -15,10 +15,11 @@ LS_VENV ?= .lsvenv
 LS_STAMP := $(LS_VENV)/.installed
 LABEL_STUDIO_VERSION := 1.23.2
 
-$(LS_STAMP):
+$(LS_STAMP): tests/labelstudio-constraints.txt
 	python3 -m venv $(LS_VENV)
 	$(LS_VENV)/bin/pip install -q --upgrade pip
-	$(LS_VENV)/bin/pip install -q label-studio==$(LABEL_STUDIO_VERSION)
+	$(LS_VENV)/bin/pip install -q label-studio==$(LABEL_STUDIO_VERSION) \
+		-c tests/labelstudio-constraints.txt
 	touch $(LS_STAMP)
 
 .PHONY: install labelstudio serve worker test lint bench
