@@ -183,6 +183,9 @@ def test_classification_project_end_to_end(request: pytest.FixtureRequest, tmp_p
         prelabel.stop()
 
 
+LABELED = 16  # smears annotated in the detection test (each shows all three cell types)
+
+
 def test_detection_project_end_to_end(request: pytest.FixtureRequest, tmp_path: Path,
                                       cache_dir: Path, label_studio: LabelStudio) -> None:
     """RectangleLabels: boxes drawn in Label Studio train a detector; the boxes Label Studio
@@ -190,23 +193,26 @@ def test_detection_project_end_to_end(request: pytest.FixtureRequest, tmp_path: 
     ls = label_studio
     # a short epoch cap (no time budget: a slow machine trains the same detector, later) and a
     # lower bar per class keep the test to a few minutes, as in tests/test_detection_end_to_end.py
-    # (45 s of training on a busy machine gave no box over threshold)
+    # (45 s of training on a busy machine gave no box over threshold). 16 labeled smears, not 12:
+    # with 10 to train on and 2 held out, the detector's held-out mAP@.5 stayed 0 until early
+    # stopping in 3 runs of 3 on 2026-12-07 (it had passed before; the cause was not traced),
+    # so no class passed its threshold
     prelabel = prelabel_for(request, "embedded", tmp_path, cache_dir, ls,
                             detection_train_seconds=0, detection_max_epochs=20,
-                            min_labels_per_class_detection=12)
+                            min_labels_per_class_detection=LABELED)
     try:
         pid = ls.create_project("cells", BOXES)
         every = [p for p in BCCD if {b["value"]["rectanglelabels"][0]
                                      for b in voc_result(p, "cells", "photo")}
                  == {"RBC", "WBC", "Platelets"}]
-        images = every[:12] + every[12:16]
+        images = every[:LABELED + 4]
         tasks = ls.import_images(pid, images)
         ls.connect_backend(pid, f"{prelabel.url}/labelstudio")
         assert prelabel.project()["task"] == "detection"
-        for task, image in zip(tasks[:12], images[:12], strict=True):
+        for task, image in zip(tasks[:LABELED], images[:LABELED], strict=True):
             ls.annotate(task["id"], voc_result(image, "cells", "photo"))
         prelabel.wait_version(1, 900)
-        rest = tasks[12:]
+        rest = tasks[LABELED:]
         ls.retrieve_predictions(pid, [t["id"] for t in rest])
         stored = latest_by_task(ls, pid)
         boxes = 0
