@@ -236,6 +236,8 @@ class ProjectStats(BaseModel):
     labeled: int
     unlabeled: int
     embedded: int
+    scored: int = Field(description="unlabeled images the promoted model has scored: their "
+                        "uncertainty orders the listing and their suggestion is stored")
     classes: list[ClassStats]
     annotations_by_source: dict[str, int]
     acceptance: list[AcceptanceStats]

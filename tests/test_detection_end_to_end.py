@@ -5,6 +5,7 @@ BCCD photos (measured with the COCO evaluator)."""
 from __future__ import annotations
 
 import io
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,12 @@ def test_detection_core_loop(stack: tuple[Api, WorkerProcess]) -> None:
     assert result["map50"] >= MAP50_FLOOR, result
     stats = api.get(f"/api/v1/projects/{pid}/stats").json()
     assert stats["acceptance"][0]["suggestions_served"] == len(test)
+    # the worker scores every unlabeled image after the run, those served first included
+    deadline = time.monotonic() + 300
+    while stats["scored"] < stats["unlabeled"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+        stats = api.get(f"/api/v1/projects/{pid}/stats").json()
+    assert stats["scored"] == stats["unlabeled"] == len(test), (stats, worker.tail())
 
     # by default only boxes over their class threshold; include_low adds the flagged rest
     one = api.get(f"/api/v1/images/{ids[test[0]]}/suggestions", role="annotator").json()

@@ -176,6 +176,10 @@ def test_multiclass_core_loop(stack: tuple[Api, WorkerProcess]) -> None:
     assert r.status_code == 201, r.text
     run2 = wait_run(api, pid, worker)
     assert run2["status"] == "SUCCEEDED", (run2, worker.tail())
+    # promoted or not, the run ends with every unlabeled image scored by the promoted model:
+    # a new model's scores are written in the transaction that promotes it
+    stats = api.get(f"/api/v1/projects/{pid}/stats").json()
+    assert stats["scored"] == stats["unlabeled"] == len(test) - 2, stats
     models = api.get(f"/api/v1/projects/{pid}/models").json()
     assert [m["version"] for m in models] == [2, 1]
     assert models[0]["promotion_note"]

@@ -339,7 +339,9 @@ def score_detection(ctx: WorkerContext, session: Session, row: ModelVersion,
     if image_ids is not None:
         query = query.where(Image.id.in_(image_ids))
     have = set(session.scalars(select(Suggestion.image_id).where(Suggestion.model_id == row.id)))
-    images = [i for i in session.scalars(query.order_by(Image.id)) if i.id not in have]
+    # an image already served by this model still needs its uncertainty (order=uncertainty)
+    images = [i for i in session.scalars(query.order_by(Image.id))
+              if i.id not in have or i.uncertainty_model_id != row.id]
     detector = ctx.detector(row.id, row.pipeline_key, row.pipeline_sha256)
     model = LoadedModel.from_row(row)
     done = 0
@@ -351,12 +353,13 @@ def score_detection(ctx: WorkerContext, session: Session, row: ModelVersion,
                 continue
             det = detector.predict(rgb)
             pred = detections_to_prediction(model, det, rgb.shape[1], rgb.shape[0])
-            rows.append(suggestion_row(row, image.id, pred))
+            if image.id not in have:
+                rows.append(suggestion_row(row, image.id, pred))
             scores.append({"id": image.id, "uncertainty": detection_uncertainty(
                 det.scores, det.labels, model.thresholds), "uncertainty_model_id": row.id})
-        if rows:
+        if scores:
             insert_ignore(session, Suggestion, rows)  # a client may have been served first
             session.execute(update(Image), scores)
             session.commit()
-            done += len(rows)
+            done += len(scores)
     return done

@@ -116,6 +116,12 @@ def project_stats(pid: PathId, session: SessionDep, key: AnnotatorKey) -> Projec
     embedded = session.scalar(
         select(func.count(func.distinct(Embedding.image_id))).join(
             Image, Image.id == Embedding.image_id).where(Image.project_id == pid)) or 0
+    # unlabeled images the promoted model has scored (uncertainty order, stored suggestion)
+    scored = session.scalar(
+        select(func.count()).select_from(Image).join(
+            ModelVersion, ModelVersion.id == Image.uncertainty_model_id).where(
+            Image.project_id == pid, Image.labeled.is_(False),
+            ModelVersion.promoted.is_(True))) or 0
     _, per_class = label_counts(session, pid)
     by_source = Counter(dict(session.execute(
         select(Annotation.source, func.count()).where(Annotation.project_id == pid)
@@ -125,6 +131,7 @@ def project_stats(pid: PathId, session: SessionDep, key: AnnotatorKey) -> Projec
         .group_by(TrainingRun.status)).all())
     return ProjectStats(
         images=images, labeled=labeled, unlabeled=images - labeled, embedded=embedded,
+        scored=scored,
         classes=[ClassStats(name=n, labeled_images=per_class[n])
                  for n in class_names(session, pid)],
         annotations_by_source=dict(by_source), acceptance=acceptance(session, pid),

@@ -135,6 +135,20 @@ class Client:
             time.sleep(0.5)
         return time.monotonic() - start
 
+    def wait_scored(self, pid: int, timeout: float) -> float:
+        """Wait until the promoted model has scored every unlabeled image (a detector scores
+        them after its run ends); returns the seconds waited."""
+        start = time.monotonic()
+        while self.promoted_version(pid) is not None:
+            stats = self.call("GET", f"/projects/{pid}/stats")
+            if stats["scored"] >= stats["unlabeled"]:
+                break
+            if time.monotonic() - start > timeout:
+                raise SimulationError(f"{stats['unlabeled'] - stats['scored']} images were not "
+                                      f"scored in {timeout:.0f} s")
+            time.sleep(0.5)
+        return time.monotonic() - start
+
     def promoted_version(self, pid: int) -> int | None:
         model = self.call("GET", f"/projects/{pid}")["promoted_model"]
         return int(model["version"]) if model else None

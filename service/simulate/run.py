@@ -162,8 +162,10 @@ class Simulation:
                 if self.config.order in LISTED_ORDERS:
                     step["uncertainty"] = uncertainty
                 labeled.add(iid)
-                step["training_wait_s"] = round(
-                    self.client.wait_training(self.pid, self.config.training_timeout), 2)
+                wait = self.client.wait_training(self.pid, self.config.training_timeout)
+                if self.config.order in LISTED_ORDERS:  # the next pick reads the new scores
+                    wait += self.client.wait_scored(self.pid, self.config.training_timeout)
+                step["training_wait_s"] = round(wait, 2)
                 self.session.training_wait_s += step["training_wait_s"]
                 self.session.steps.append(step)
                 if log:
