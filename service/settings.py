@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     # > 0: a multiclass suggestion is made only at a confidence where the model's held-out
     # top-class predictions were right this often (fewer, surer pre-fills); 0: always
     suggestion_min_precision: float = Field(0.0, ge=0.0, le=1.0)
+    # train the frozen head also on turned, reframed and mirrored views of each labeled image
+    # (models/views.py); off where those change the label (e.g. left/right, orientation)
+    head_views: bool = True
     finetune: bool = True  # try fine-tuning the top of the backbone once classes have many labels
 
     # dataset import/export (archives are checked before anything is extracted)

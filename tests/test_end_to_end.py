@@ -11,6 +11,7 @@ import csv
 import io
 import time
 import zipfile
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,11 @@ from typing import Any
 import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
+from sqlalchemy import select
 
+from models.views import VIEWS
+from service.db import session_scope
+from service.tables import Embedding
 from tests.conftest import (
     Api,
     WorkerProcess,
@@ -101,6 +106,13 @@ def test_multiclass_core_loop(stack: tuple[Api, WorkerProcess]) -> None:
     assert len(models) == 1 and models[0]["promoted"] and models[0]["version"] == 1
     metrics = models[0]["metrics"]
     assert metrics["labeled_images"] == 30
+    # the frozen head trained also on 4 views of each labeled crop, embedded once and kept
+    assert models[0]["kind"] == "frozen_linear" and metrics["head_views"] == list(VIEWS)
+    with session_scope(api.settings.db_url) as s:
+        keys = Counter(s.scalars(select(Embedding.backbone).where(
+            Embedding.image_id.in_([ids[c.name] for c in train]))))
+    assert {k.rpartition("|")[2]: n for k, n in keys.items() if "|" in k} == {
+        v: 30 for v in VIEWS}
     assert metrics["folds"] == 5 and metrics["n_images"] == 30
     assert set(metrics["per_class"]) == set(RANKS)
     # no precision target by default: every top class is suggested (tests/test_simulate.py

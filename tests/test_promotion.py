@@ -42,6 +42,19 @@ def toy_set(n: int = 60, seed: int = 0) -> LabeledSet:
     return LabeledSet(list(range(1, n + 1)), shas, x, y)
 
 
+def test_head_rows_add_each_images_views() -> None:
+    data = toy_set(6)
+    assert all(np.array_equal(a, b) for a, b in zip(data.head_rows(), (data.x, data.y),
+                                                   strict=True))
+    views = np.stack([data.x + 1, data.x + 2])  # [V, N, D]
+    data.views = views
+    x, y = data.head_rows(np.array([4, 1]))
+    # the rows themselves, then each view of them, in the same order
+    np.testing.assert_array_equal(x, np.concatenate([data.x[[4, 1]], views[0, [4, 1]],
+                                                     views[1, [4, 1]]]))
+    np.testing.assert_array_equal(y, np.tile(data.y[[4, 1]], 3))
+
+
 @pytest.fixture
 def ctx(tmp_path: Path, sqlite_url: str) -> WorkerContext:
     upgrade(sqlite_url)

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from models.backbone import INPUT_SIZE
 from models.preprocess import to_model_input
 from models.uncertainty import uncertainty
+from models.views import VIEWS, view_key
 from service.adapters import suggestion_out
 from service.db import insert_ignore
 from service.imaging import ImageRejected, load_rgb
@@ -28,25 +29,27 @@ log = logging.getLogger(__name__)
 BATCH = 32
 
 
-def decode_image(ctx: WorkerContext, image: Image) -> np.ndarray | None:
-    """A stored image as a model input (None, logged, when it cannot be read)."""
+def decode_image(ctx: WorkerContext, image: Image, view: str | None = None) -> np.ndarray | None:
+    """A stored image (or a view of it, ``models.views``) as a model input (None, logged, when
+    it cannot be read)."""
     try:
         data = ctx.blobs.get(image.storage_key)
         img = load_rgb(data, max_pixels=ctx.settings.max_image_pixels, draft_size=INPUT_SIZE)
     except (BlobMissing, ImageRejected) as exc:
         log.warning("image %s cannot be embedded: %s", image.id, exc)
         return None
-    return to_model_input(img)
+    return to_model_input(VIEWS[view](img) if view else img)
 
 
-def embed_arrays(ctx: WorkerContext, images: Sequence[Image],
-                 ref: BackboneRef | None = None) -> dict[int, np.ndarray]:
-    """Embeddings for images; the next batch is decoded while the model runs on this one."""
+def embed_arrays(ctx: WorkerContext, images: Sequence[Image], ref: BackboneRef | None = None,
+                 view: str | None = None) -> dict[int, np.ndarray]:
+    """Embeddings for images (or a view of them); the next batch is decoded while the model
+    runs on this one."""
     out: dict[int, np.ndarray] = {}
     batches = [images[i:i + BATCH] for i in range(0, len(images), BATCH)]
 
     def decode(batch: Sequence[Image]) -> list[np.ndarray | None]:
-        return [decode_image(ctx, im) for im in batch]
+        return [decode_image(ctx, im, view) for im in batch]
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         future = pool.submit(decode, batches[0]) if batches else None
@@ -69,16 +72,19 @@ def model_backbone(row: ModelVersion) -> BackboneRef:
 
 
 def ensure_embeddings(ctx: WorkerContext, session: Session, image_ids: Sequence[int],
-                      ref: BackboneRef | None = None) -> int:
-    """Embed the given images that lack an embedding; returns how many were added."""
+                      ref: BackboneRef | None = None, view: str | None = None) -> int:
+    """Embed the given images (or a view of them) that lack an embedding; returns how many
+    were added."""
     backbone = ref.id if ref else ctx.backbone
+    if view is not None:
+        backbone = view_key(backbone, view)
     have = set(session.scalars(select(Embedding.image_id).where(
         Embedding.backbone == backbone, Embedding.image_id.in_(image_ids))))
     todo = list(session.scalars(select(Image).where(Image.id.in_(
         [i for i in image_ids if i not in have])).order_by(Image.id)))
     if not todo:
         return 0
-    vectors = embed_arrays(ctx, todo, ref)
+    vectors = embed_arrays(ctx, todo, ref, view)
     # idempotent: a redelivered job or another worker may have written some already
     added = insert_ignore(session, Embedding, [
         {"image_id": image_id, "backbone": backbone, "vector": vec.tobytes(),

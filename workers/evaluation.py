@@ -75,7 +75,8 @@ def out_of_fold(data: LabeledSet, task: str, num_classes: int, device: torch.dev
     oof = np.zeros((len(data.image_ids), num_classes), np.float32)
     for f in range(k):
         fit, hold = folds != f, folds == f
-        params = train_head(data.x[fit], data.y[fit], task, num_classes, device)  # type: ignore[arg-type]
+        x, y = data.head_rows(np.flatnonzero(fit))
+        params = train_head(x, y, task, num_classes, device)  # type: ignore[arg-type]
         oof[hold] = predict_proba(params, data.x[hold])
         on_fold(f)
     return oof

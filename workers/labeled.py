@@ -9,6 +9,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from models.views import view_key
 from service.tables import Annotation, Embedding, Image, Project
 from workers.context import WorkerContext
 from workers.embedding import decode_image, ensure_embeddings
@@ -31,6 +32,7 @@ class LabeledSet:
     sha256: list[str]
     x: np.ndarray  # [N, D]
     y: np.ndarray  # [N] class index (multiclass) or [N, C] {0, 1} (multilabel)
+    views: np.ndarray | None = None  # [V, N, D] embeddings of label-preserving views (heads)
 
     def counts(self, num_classes: int) -> np.ndarray:
         """Labeled images per class."""
@@ -38,10 +40,20 @@ class LabeledSet:
             return np.bincount(self.y, minlength=num_classes)
         return self.y.sum(axis=0).astype(np.int64)
 
+    def head_rows(self, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Embeddings and targets a frozen head trains on for labeled ``rows`` (all by
+        default): each image, then each of its views."""
+        rows = np.arange(len(self.image_ids)) if rows is None else rows
+        if self.views is None:
+            return self.x[rows], self.y[rows]
+        x = np.concatenate([self.x[rows], *self.views[:, rows]])
+        return x, np.concatenate([self.y[rows]] * (1 + len(self.views)))
+
 
 def load_labeled(ctx: WorkerContext, session: Session, project: Project,
-                 classes: list[str]) -> LabeledSet:
-    """Current labels with their embeddings (embedding any that are missing)."""
+                 classes: list[str], views: Sequence[str] = ()) -> LabeledSet:
+    """Current labels with their embeddings, and those of ``views`` of each image (embedding
+    any that are missing; a view is embedded once per image and kept)."""
     rows = session.execute(
         select(Annotation.image_id, Annotation.tags, Image.sha256)
         .join(Image, Image.id == Annotation.image_id)
@@ -72,7 +84,25 @@ def load_labeled(ctx: WorkerContext, session: Session, project: Project,
         xs.append(np.frombuffer(vectors[image_id], np.float32))
     if not ids:
         raise RunFailed("no_labels", "no labeled image could be used")
-    return LabeledSet(ids, shas, np.stack(xs), np.asarray(ys))
+    x = np.stack(xs)
+    return LabeledSet(ids, shas, x, np.asarray(ys),
+                      np.stack([view_vectors(ctx, session, ids, v, x) for v in views])
+                      if views else None)
+
+
+def view_vectors(ctx: WorkerContext, session: Session, image_ids: list[int], view: str,
+                 plain: np.ndarray) -> np.ndarray:
+    """[N, D] embeddings of a view of the images (an image whose view cannot be made keeps
+    its plain embedding ``plain``)."""
+    ensure_embeddings(ctx, session, image_ids, view=view)
+    vectors = dict(session.execute(select(Embedding.image_id, Embedding.vector).where(
+        Embedding.backbone == view_key(ctx.backbone, view),
+        Embedding.image_id.in_(image_ids))).all())
+    out = plain.copy()
+    for n, image_id in enumerate(image_ids):
+        if image_id in vectors:
+            out[n] = np.frombuffer(vectors[image_id], np.float32)
+    return out
 
 
 def model_inputs(ctx: WorkerContext, session: Session, image_ids: Sequence[int]) -> np.ndarray:
