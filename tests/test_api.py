@@ -278,7 +278,9 @@ def test_unknown_route_and_method(api: Api) -> None:
 
 
 def test_enqueue_only_after_commit(api: Api) -> None:
-    """Rejected requests send nothing; the label that queues a run sends exactly one message."""
+    """Rejected requests send nothing; a label below the threshold sends one views job (the
+    worker embeds the head's training views ahead of the run); the label that queues a run sends
+    exactly one message."""
     queue = api.settings.broker_dir / "queue"
 
     def messages() -> int:
@@ -293,8 +295,8 @@ def test_enqueue_only_after_commit(api: Api) -> None:
         api.post(f"/api/v1/images/{iid}/annotations", json={"tags": ["a" if n < 5 else "b"]})
     assert_error(api.post(f"/api/v1/images/{ids[9]}/annotations", json={"tags": ["zebra"]}),
                  422, "unknown_class")
-    assert messages() == sent  # nothing queued by labels below the threshold or by the error
+    assert messages() == sent + 9  # one views job per label, nothing for the error
     api.post(f"/api/v1/images/{ids[9]}/annotations", json={"tags": ["b"]})
-    assert messages() == sent + 1
+    assert messages() == sent + 10
     upload(api, p["id"], [("dup.jpg", jpeg(color=(0, 9, 9)))])  # a duplicate: nothing to embed
-    assert messages() == sent + 1
+    assert messages() == sent + 10

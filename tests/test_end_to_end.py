@@ -81,6 +81,14 @@ def label(api: Api, image_id: int, tags: list[str], **extra: Any) -> dict[str, A
     return r.json()
 
 
+def view_counts(api: Api, image_ids: list[int]) -> dict[str, int]:
+    """Stored view embeddings (``models.views``) of the images, per view."""
+    with session_scope(api.settings.db_url) as s:
+        keys = Counter(s.scalars(select(Embedding.backbone).where(
+            Embedding.image_id.in_(image_ids))))
+    return {k.rpartition("|")[2]: n for k, n in keys.items() if "|" in k}
+
+
 def test_multiclass_core_loop(stack: tuple[Api, WorkerProcess]) -> None:
     api, worker = stack
     project = api.post("/api/v1/projects", json={"name": "cards", "task": "multiclass",
@@ -108,11 +116,7 @@ def test_multiclass_core_loop(stack: tuple[Api, WorkerProcess]) -> None:
     assert metrics["labeled_images"] == 30
     # the frozen head trained also on 4 views of each labeled crop, embedded once and kept
     assert models[0]["kind"] == "frozen_linear" and metrics["head_views"] == list(VIEWS)
-    with session_scope(api.settings.db_url) as s:
-        keys = Counter(s.scalars(select(Embedding.backbone).where(
-            Embedding.image_id.in_([ids[c.name] for c in train]))))
-    assert {k.rpartition("|")[2]: n for k, n in keys.items() if "|" in k} == {
-        v: 30 for v in VIEWS}
+    assert view_counts(api, [ids[c.name] for c in train]) == {v: 30 for v in VIEWS}
     assert metrics["folds"] == 5 and metrics["n_images"] == 30
     assert set(metrics["per_class"]) == set(RANKS)
     # no precision target by default: every top class is suggested (tests/test_simulate.py
@@ -170,6 +174,12 @@ def test_multiclass_core_loop(stack: tuple[Api, WorkerProcess]) -> None:
     stats = api.get(f"/api/v1/projects/{pid}/stats").json()
     acc = stats["acceptance"][0]
     assert (acc["model_version"], acc["accepted"], acc["corrected"]) == (1, 1, 1)
+    # no run queued by these two labels: the worker embeds their views ahead of the next run
+    deadline = time.monotonic() + 60
+    while (views := view_counts(api, test_ids[:2])) != {v: 2 for v in VIEWS} and \
+            time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert views == {v: 2 for v in VIEWS}, worker.tail()
     assert acc["suggestions_served"] == len(test_ids) and acc["acceptance_rate"] == 0.5
     deadline = time.monotonic() + 120  # the worker embeds every upload in the background
     while stats["embedded"] < len(train) + len(test) and time.monotonic() < deadline:
@@ -188,9 +198,12 @@ def test_multiclass_core_loop(stack: tuple[Api, WorkerProcess]) -> None:
     assert r.status_code == 201, r.text
     run2 = wait_run(api, pid, worker)
     assert run2["status"] == "SUCCEEDED", (run2, worker.tail())
-    # promoted or not, the run ends with every unlabeled image scored by the promoted model:
-    # a new model's scores are written in the transaction that promotes it
-    stats = api.get(f"/api/v1/projects/{pid}/stats").json()
+    # promoted or not, every unlabeled image ends up scored by the promoted model (a new one
+    # scores them right after its run ends)
+    deadline = time.monotonic() + 60
+    while (stats := api.get(f"/api/v1/projects/{pid}/stats").json())["scored"] < \
+            stats["unlabeled"] and time.monotonic() < deadline:
+        time.sleep(0.3)
     assert stats["scored"] == stats["unlabeled"] == len(test) - 2, stats
     models = api.get(f"/api/v1/projects/{pid}/models").json()
     assert [m["version"] for m in models] == [2, 1]

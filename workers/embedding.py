@@ -22,7 +22,7 @@ from service.imaging import ImageRejected, load_rgb
 from service.inference import LoadedModel, to_prediction
 from service.prediction import Prediction
 from service.storage import BlobMissing
-from service.tables import Embedding, Image, ModelVersion, Suggestion, utcnow
+from service.tables import Embedding, Image, ModelVersion, Project, Suggestion, utcnow
 from workers.context import BackboneRef, WorkerContext
 
 log = logging.getLogger(__name__)
@@ -94,9 +94,18 @@ def ensure_embeddings(ctx: WorkerContext, session: Session, image_ids: Sequence[
 
 
 def embed_images(ctx: WorkerContext, image_ids: Sequence[int]) -> int:
-    """Task body: embed images, then score them with their project's promoted model."""
+    """Task body: embed images (and the head's training views of labeled classification
+    images), then score them with their project's promoted model."""
     with ctx.sessions() as session:
         added = ensure_embeddings(ctx, session, image_ids)
+        if ctx.settings.head_views:
+            # ahead of the run that will train on them: the label that crosses the policy's
+            # threshold then waits for its own image's views only (~2 s less for 30 labels)
+            labeled = list(session.scalars(select(Image.id).join(
+                Project, Project.id == Image.project_id).where(
+                Image.id.in_(image_ids), Image.labeled.is_(True), Project.task != "detection")))
+            for view in VIEWS:
+                ensure_embeddings(ctx, session, labeled, view=view)
         projects = set(session.scalars(select(Image.project_id).where(Image.id.in_(image_ids))))
         for project_id in projects:
             row = promoted(session, project_id)

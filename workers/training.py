@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -152,11 +151,10 @@ def _train(ctx: WorkerContext, run_id: int, owner: str, hb: Heartbeat) -> str:
         model_id = _publish(session, run_id, owner, project.id, task, classes, device.type,
                             ref, keys, cand.kind, [float(t) for t in cand.params.thresholds],
                             cand.metrics, [data.image_ids[i] for i in cand.train_idx],
-                            promote, note,
-                            # a client that sees the run end sees the new model's uncertainty
-                            # order too (scoring from embeddings is quick; boxes are not)
-                            (lambda: score_images(ctx, session, project.id)) if promote
-                            else None)
+                            promote, note)
+        if promote:
+            score_images(ctx, session, project.id)
+            session.commit()
         log.info("run %s: model %s %s (%s)", run_id, model_id, cand.kind, note)
     return "SUCCEEDED"
 
@@ -186,10 +184,8 @@ def _store_artifacts(ctx: WorkerContext, project_id: int, run_id: int,
 def _publish(session: Session, run_id: int, owner: str, project_id: int, task: str,
              classes: list[str], device: str, ref: BackboneRef,
              keys: dict[str, tuple[str, str]], kind: str, thresholds: list[float],
-             metrics: dict[str, Any], train_ids: list[int], promote: bool, note: str,
-             before_commit: Callable[[], object] | None = None) -> int:
-    """Write the version and end the run in one transaction, only while we hold the lease;
-    ``before_commit`` runs in it once the new version is flushed (and promoted)."""
+             metrics: dict[str, Any], train_ids: list[int], promote: bool, note: str) -> int:
+    """Write the version and end the run in one transaction, only while we hold the lease."""
     held = session.execute(update(TrainingRun).where(
         TrainingRun.id == run_id, TrainingRun.lease_owner == owner,
         TrainingRun.status == "RUNNING").values(status="SUCCEEDED")).rowcount
@@ -214,8 +210,6 @@ def _publish(session: Session, run_id: int, owner: str, project_id: int, task: s
     session.execute(update(TrainingRun).where(TrainingRun.id == run_id).values(
         model_id=row.id, progress=1.0, stage="succeeded", finished_at=utcnow(),
         lease_owner=None, lease_expires_at=None))
-    if before_commit is not None:
-        before_commit()
     session.commit()
     return row.id
 

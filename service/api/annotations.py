@@ -38,6 +38,9 @@ def create_annotation(iid: PathId, body: AnnotationCreate, session: SessionDep, 
     session.commit()
     if run is not None:  # only after the commit: a rolled-back label enqueues nothing
         ctx.queue.send_train(ctx.sessions, run.id)
+    elif project.task != "detection" and ctx.settings.head_views:
+        # the worker embeds the head's training views of the image before a run needs them
+        ctx.queue.send_embed([image.id])
     return annotation_out(row)
 
 
