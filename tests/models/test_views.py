@@ -17,7 +17,7 @@ from tests.models.conftest import CardData, embed
 CPU = torch.device("cpu")
 DRAWS, PER_CLASS = 4, 10
 # measured per draw: +0.028, +0.056, +0.021, +0.000 (mean +0.026); 10 draws on all 547
-# crops of both splits: +0.054 (models/README.md)
+# crops of both splits: +0.053 (benchmarks/results/head_views.md)
 MIN_MEAN_GAIN = 0.01
 
 
