@@ -99,8 +99,8 @@ def embed_images(ctx: WorkerContext, image_ids: Sequence[int]) -> int:
     with ctx.sessions() as session:
         added = ensure_embeddings(ctx, session, image_ids)
         if ctx.settings.head_views:
-            # ahead of the run that will train on them: the label that crosses the policy's
-            # threshold then waits for its own image's views only (~2 s less for 30 labels)
+            # ahead of the run that will train on them: embedding the views of 30 labeled
+            # crops in the run took ~2 s of the first model's time (benchmarks/core_loop.py)
             labeled = list(session.scalars(select(Image.id).join(
                 Project, Project.id == Image.project_id).where(
                 Image.id.in_(image_ids), Image.labeled.is_(True), Project.task != "detection")))
