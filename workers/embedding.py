@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+from PIL import Image as PILImage
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
@@ -29,41 +30,66 @@ log = logging.getLogger(__name__)
 BATCH = 32
 
 
-def decode_image(ctx: WorkerContext, image: Image, view: str | None = None) -> np.ndarray | None:
-    """A stored image (or a view of it, ``models.views``) as a model input (None, logged, when
-    it cannot be read)."""
+def _load(ctx: WorkerContext, image: Image) -> PILImage.Image | None:
+    """A stored image, decoded reduced to the model's input size (None, logged, when it
+    cannot be read)."""
     try:
         data = ctx.blobs.get(image.storage_key)
-        img = load_rgb(data, max_pixels=ctx.settings.max_image_pixels, draft_size=INPUT_SIZE)
+        return load_rgb(data, max_pixels=ctx.settings.max_image_pixels, draft_size=INPUT_SIZE)
     except (BlobMissing, ImageRejected) as exc:
         log.warning("image %s cannot be embedded: %s", image.id, exc)
         return None
+
+
+def _view_input(img: PILImage.Image, view: str | None) -> np.ndarray:
     return to_model_input(VIEWS[view](img) if view else img)
 
 
-def embed_arrays(ctx: WorkerContext, images: Sequence[Image], ref: BackboneRef | None = None,
-                 view: str | None = None) -> dict[int, np.ndarray]:
-    """Embeddings for images (or a view of them); the next batch is decoded while the model
-    runs on this one."""
-    out: dict[int, np.ndarray] = {}
-    batches = [images[i:i + BATCH] for i in range(0, len(images), BATCH)]
+def decode_image(ctx: WorkerContext, image: Image, view: str | None = None) -> np.ndarray | None:
+    """A stored image (or a view of it, ``models.views``) as a model input (None, logged, when
+    it cannot be read)."""
+    img = _load(ctx, image)
+    return None if img is None else _view_input(img, view)
 
-    def decode(batch: Sequence[Image]) -> list[np.ndarray | None]:
-        return [decode_image(ctx, im, view) for im in batch]
+
+Job = tuple[Image, Sequence[str | None]]  # an image and its views to embed (None: itself)
+
+
+def embed_views(ctx: WorkerContext, jobs: Sequence[Job], ref: BackboneRef | None = None
+                ) -> dict[tuple[int, str | None], np.ndarray]:
+    """Embeddings of views of images, keyed (image id, view). Each image is decoded once for
+    all its views, and the next batch is decoded while the model runs on this one."""
+    out: dict[tuple[int, str | None], np.ndarray] = {}
+    batches = [jobs[i:i + BATCH] for i in range(0, len(jobs), BATCH)]
+
+    def decode(batch: Sequence[Job]) -> list[tuple[tuple[int, str | None], np.ndarray]]:
+        arrays = []
+        for image, views in batch:
+            img = _load(ctx, image)
+            if img is not None:
+                arrays.extend(((image.id, v), _view_input(img, v)) for v in views)
+        return arrays
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         future = pool.submit(decode, batches[0]) if batches else None
-        for n, batch in enumerate(batches):
+        for n in range(len(batches)):
             assert future is not None
             arrays = future.result()
             if n + 1 < len(batches):
                 future = pool.submit(decode, batches[n + 1])
-            ok = [(im, a) for im, a in zip(batch, arrays, strict=True) if a is not None]
-            if ok:
-                vectors = ctx.embedder(ref).run(np.stack([a for _, a in ok]))
-                out.update((im.id, v.astype(np.float32))
-                           for (im, _), v in zip(ok, vectors, strict=True))
+            for start in range(0, len(arrays), BATCH):
+                chunk = arrays[start:start + BATCH]
+                vectors = ctx.embedder(ref).run(np.stack([a for _, a in chunk]))
+                out.update((key, v.astype(np.float32))
+                           for (key, _), v in zip(chunk, vectors, strict=True))
     return out
+
+
+def embed_arrays(ctx: WorkerContext, images: Sequence[Image], ref: BackboneRef | None = None,
+                 view: str | None = None) -> dict[int, np.ndarray]:
+    """Embeddings for images (or one view of them), keyed by image id."""
+    return {image_id: v for (image_id, _), v in
+            embed_views(ctx, [(im, (view,)) for im in images], ref).items()}
 
 
 def model_backbone(row: ModelVersion) -> BackboneRef:
@@ -75,20 +101,27 @@ def ensure_embeddings(ctx: WorkerContext, session: Session, image_ids: Sequence[
                       ref: BackboneRef | None = None, view: str | None = None) -> int:
     """Embed the given images (or a view of them) that lack an embedding; returns how many
     were added."""
+    return ensure_views(ctx, session, image_ids, (view,), ref)
+
+
+def ensure_views(ctx: WorkerContext, session: Session, image_ids: Sequence[int],
+                 views: Sequence[str | None], ref: BackboneRef | None = None) -> int:
+    """Embed the missing ``views`` (None: the image itself) of the given images, decoding
+    each image once; returns how many embeddings were added."""
     backbone = ref.id if ref else ctx.backbone
-    if view is not None:
-        backbone = view_key(backbone, view)
-    have = set(session.scalars(select(Embedding.image_id).where(
-        Embedding.backbone == backbone, Embedding.image_id.in_(image_ids))))
+    keys = {v: view_key(backbone, v) if v else backbone for v in views}
+    have = set(session.execute(select(Embedding.image_id, Embedding.backbone).where(
+        Embedding.backbone.in_(set(keys.values())), Embedding.image_id.in_(image_ids))).all())
+    missing = {i: [v for v in views if (i, keys[v]) not in have] for i in set(image_ids)}
     todo = list(session.scalars(select(Image).where(Image.id.in_(
-        [i for i in image_ids if i not in have])).order_by(Image.id)))
+        [i for i, vs in missing.items() if vs])).order_by(Image.id)))
     if not todo:
         return 0
-    vectors = embed_arrays(ctx, todo, ref, view)
+    vectors = embed_views(ctx, [(im, missing[im.id]) for im in todo], ref)
     # idempotent: a redelivered job or another worker may have written some already
     added = insert_ignore(session, Embedding, [
-        {"image_id": image_id, "backbone": backbone, "vector": vec.tobytes(),
-         "created_at": utcnow()} for image_id, vec in vectors.items()])
+        {"image_id": image_id, "backbone": keys[v], "vector": vec.tobytes(),
+         "created_at": utcnow()} for (image_id, v), vec in vectors.items()])
     session.commit()
     return added
 
@@ -104,8 +137,7 @@ def embed_images(ctx: WorkerContext, image_ids: Sequence[int]) -> int:
             labeled = list(session.scalars(select(Image.id).join(
                 Project, Project.id == Image.project_id).where(
                 Image.id.in_(image_ids), Image.labeled.is_(True), Project.task != "detection")))
-            for view in VIEWS:
-                ensure_embeddings(ctx, session, labeled, view=view)
+            ensure_views(ctx, session, labeled, list(VIEWS))
         projects = set(session.scalars(select(Image.project_id).where(Image.id.in_(image_ids))))
         for project_id in projects:
             row = promoted(session, project_id)

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from models.views import view_key
 from service.tables import Annotation, Embedding, Image, Project
 from workers.context import WorkerContext
-from workers.embedding import decode_image, ensure_embeddings
+from workers.embedding import decode_image, ensure_views
 
 
 class RunFailed(Exception):
@@ -61,7 +61,8 @@ def load_labeled(ctx: WorkerContext, session: Session, project: Project,
         .order_by(Annotation.image_id)).all()
     if not rows:
         raise RunFailed("no_labels", "the project has no labeled images")
-    ensure_embeddings(ctx, session, [r[0] for r in rows])
+    # one decode per image for the image and all its views
+    ensure_views(ctx, session, [r[0] for r in rows], [None, *views])
     vectors = dict(session.execute(select(Embedding.image_id, Embedding.vector).where(
         Embedding.backbone == ctx.backbone,
         Embedding.image_id.in_([r[0] for r in rows]))).all())
@@ -94,7 +95,7 @@ def view_vectors(ctx: WorkerContext, session: Session, image_ids: list[int], vie
                  plain: np.ndarray) -> np.ndarray:
     """[N, D] embeddings of a view of the images (an image whose view cannot be made keeps
     its plain embedding ``plain``)."""
-    ensure_embeddings(ctx, session, image_ids, view=view)
+    ensure_views(ctx, session, image_ids, [view])
     vectors = dict(session.execute(select(Embedding.image_id, Embedding.vector).where(
         Embedding.backbone == view_key(ctx.backbone, view),
         Embedding.image_id.in_(image_ids))).all())

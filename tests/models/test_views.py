@@ -32,6 +32,11 @@ def test_views_keep_the_picture() -> None:
     assert turned.getpixel((0, 0)) == (128, 128, 128)  # the corners the turn uncovers
     assert turned.getpixel((turned.width // 2, turned.height // 2)) == (200, 10, 10)
     assert VIEWS["turn-15"](img).size == turned.size
+    wider = VIEWS["turn+30"](img)
+    assert wider.width > turned.width and VIEWS["turn-30"](img).size == wider.size
+    assert VIEWS["brighter"](img).getpixel((30, 20)) == (255, 13, 13)  # clipped at 255
+    assert VIEWS["darker"](img).getpixel((30, 20)) == (150, 7, 7)
+    assert all(VIEWS[v](img).size == (60, 40) for v in ("mirror", "brighter", "darker"))
 
 
 def test_view_key_names_the_view() -> None:
