@@ -63,7 +63,9 @@ def test_finetune_tried_and_served(tmp_path: Path, sqlite_url: str, cache_dir: P
         assert len(items) == len(unlabeled)
         # the top class is suggested where the held-out predictions vouch for its confidence
         assert all(bool(i["tags"]) == (i["scores"][0]["confidence"] >= floor) for i in items)
+        # with the views a frozen head's stored suggestions average over (none if fine-tuned)
         adhoc = api.post(f"/api/v1/projects/{pid}/predict", role="annotator",
+                         params={"views": True},
                          files={"file": ("x.jpg", extra[0].data, "image/jpeg")}).json()
         for a, b in zip(adhoc["scores"], items[0]["scores"], strict=True):
             assert a["label"] == b["label"] and abs(a["confidence"] - b["confidence"]) < 1e-3
