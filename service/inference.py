@@ -155,12 +155,13 @@ def predict_inputs(cache: ModelCache, model: LoadedModel, imgs: list[PILImage.Im
 
 
 def predict_images_bytes(cache: ModelCache, model: LoadedModel, images: list[bytes],
-                         max_pixels: int) -> np.ndarray:
+                         max_pixels: int, with_views: bool) -> np.ndarray:
     """Probabilities [N, C] for images without cached embeddings (already validated), in one
-    graph call per view. Same decode path as the embedding worker, so both routes give the
-    same answer."""
+    graph call (per view, ``with_views``). Same decode path as the embedding worker, so both
+    routes give the same answer."""
     return predict_inputs(cache, model, [load_rgb(data, max_pixels=max_pixels,
-                                                  draft_size=INPUT_SIZE) for data in images])
+                                                  draft_size=INPUT_SIZE) for data in images],
+                          with_views)
 
 
 def predict_rgb(cache: ModelCache, model: LoadedModel, img: PILImage.Image,

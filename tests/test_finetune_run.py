@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,12 @@ def test_finetune_tried_and_served(tmp_path: Path, sqlite_url: str, cache_dir: P
             else:
                 assert model["kind"] == "frozen_linear" and row.backbone_key is None
         unlabeled = ids[len(crops):]
+        # once the worker embedded them (the reconciler re-sends what the run overtook), their
+        # suggestions are its stored ones, not computed in the request
+        deadline = time.monotonic() + 120
+        while api.get(f"/api/v1/projects/{pid}/stats").json()["embedded"] < len(ids) and \
+                time.monotonic() < deadline:
+            time.sleep(0.5)
         items = api.post(f"/api/v1/projects/{pid}/suggestions",
                          json={"image_ids": unlabeled}).json()["items"]
         floor = model["metrics"]["suggestion_floor"]["min_confidence"]

@@ -54,8 +54,8 @@ def require_model(session: Session, project_id: int) -> ModelVersion:
 
 def predictions(session: Session, ctx: AppContext, model: LoadedModel, row: ModelVersion,
                 images: list[Image], vectors: dict[int, bytes]) -> dict[int, Prediction]:
-    """Canonical predictions for stored images: from cached embeddings (and those of the
-    model's prediction views) where possible."""
+    """Canonical predictions for stored images: from cached embeddings, averaged with those
+    of the model's prediction views, where the worker has embedded the image."""
     out: dict[int, Prediction] = {}
     if model.task == "detection":  # the detector reads the full image
         for image in images:
@@ -70,12 +70,14 @@ def predictions(session: Session, ctx: AppContext, model: LoadedModel, row: Mode
         views = stored_views(session, row.backbone, model.views, [i.id for i in embedded])
         probs.update(zip([i.id for i in embedded], predict_embeddings(model, x, views),
                          strict=True))
-    todo = [i for i in images if i.id not in probs]  # not embedded yet: the whole pipeline
+    # not embedded yet: the whole pipeline, on the image alone (its views would cost 4 more
+    # backbone passes in the request: Label Studio's cold /predict waits on these)
+    todo = [i for i in images if i.id not in probs]
     for start in range(0, len(todo), PIPELINE_BATCH):
         batch = todo[start:start + PIPELINE_BATCH]
         probs.update(zip([i.id for i in batch], predict_images_bytes(
             ctx.models, model, [ctx.blobs.get(i.storage_key) for i in batch],
-            ctx.settings.max_image_pixels), strict=True))
+            ctx.settings.max_image_pixels, with_views=False), strict=True))
     return {i.id: to_prediction(model, probs[i.id], i.width, i.height) for i in images}
 
 
