@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from PIL import Image as PILImage
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from models.constants import INPUT_SIZE
 from models.detection_types import Detections
 from models.preprocess import to_model_input
 from models.runtime import OnnxDetector, OnnxModel
+from models.views import VIEWS, average_over_views, view_key
 from service.imaging import load_rgb
 from service.prediction import Prediction
 from service.storage import LocalBlobStore
-from service.tables import ModelVersion
+from service.tables import Embedding, ModelVersion
 
 MIN_BOX_SIDE = 1.0  # px: narrower suggested boxes are dropped
 
@@ -37,6 +40,7 @@ class LoadedModel:
     pipeline_sha256: str
     cross_class_iou: float = 1.0  # detection: see Prediction
     min_confidence: float = 0.0  # multiclass: see Prediction
+    views: tuple[str, ...] = ()  # probabilities averaged over the image and these views
     _pipeline: OnnxModel | None = None
     _detector: OnnxDetector | None = None
 
@@ -48,13 +52,21 @@ class LoadedModel:
                    head=head, pipeline_key=row.pipeline_key, pipeline_sha256=row.pipeline_sha256,
                    # models published before the rule have no entry: the rule stays off
                    cross_class_iou=float((row.metrics or {}).get("cross_class_iou", 1.0)),
-                   min_confidence=min_confidence(row.metrics or {}))
+                   min_confidence=min_confidence(row.metrics or {}),
+                   views=prediction_views(row.metrics or {}))
 
 
 def min_confidence(metrics: Mapping[str, Any]) -> float:
     """A version's multiclass suggestion floor (0 for versions published before it existed)."""
     floor = metrics.get("suggestion_floor")
     return float(floor["min_confidence"]) if isinstance(floor, dict) else 0.0
+
+
+def prediction_views(metrics: Mapping[str, Any]) -> tuple[str, ...]:
+    """The views (``models.views``) a version's probabilities are averaged over: none for
+    fine-tuned versions and those published before the averaging existed."""
+    views = metrics.get("prediction_views")
+    return tuple(v for v in views if v in VIEWS) if isinstance(views, list) else ()
 
 
 class ModelCache:
@@ -100,24 +112,63 @@ class ModelCache:
         return model._detector
 
 
-def predict_embeddings(model: LoadedModel, vectors: np.ndarray) -> np.ndarray:
-    """Class probabilities [N, C] from cached embeddings [N, D]."""
+def predict_embeddings(model: LoadedModel, vectors: np.ndarray,
+                       views: Sequence[tuple[np.ndarray, np.ndarray]] = ()) -> np.ndarray:
+    """Class probabilities [N, C] from cached embeddings [N, D], averaged with those of the
+    cached view embeddings given as (row indices, [n, D]) per view."""
     assert model.head is not None, "detection models have no embedding head"
-    return model.head.run(np.ascontiguousarray(vectors, dtype=np.float32))
+    head = model.head
+    return average_over_views(lambda x: head.run(np.ascontiguousarray(x, dtype=np.float32)),
+                              vectors, views)
+
+
+def stored_views(session: Session, backbone: str, views: Sequence[str],
+                 image_ids: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Cached embeddings of ``views`` of the images as (row indices into ``image_ids``,
+    [n, D]) per view, for ``predict_embeddings``; views not yet embedded are left out."""
+    if not views or not image_ids:
+        return []
+    keys = {view_key(backbone, v) for v in views}
+    found = session.execute(select(Embedding.backbone, Embedding.image_id, Embedding.vector)
+                            .where(Embedding.backbone.in_(keys),
+                                   Embedding.image_id.in_(image_ids))).all()
+    index = {image_id: n for n, image_id in enumerate(image_ids)}
+    out = []
+    for key in sorted(keys):
+        hits = [(index[i], vec) for b, i, vec in found if b == key]
+        if hits:
+            out.append((np.array([r for r, _ in hits]),
+                        np.stack([np.frombuffer(v, np.float32) for _, v in hits])))
+    return out
+
+
+def predict_inputs(cache: ModelCache, model: LoadedModel, imgs: list[PILImage.Image],
+                   with_views: bool = True) -> np.ndarray:
+    """Probabilities [N, C] for decoded RGB images through the whole pipeline, averaged over
+    each image and its views as the cached-embedding route averages them (``with_views``)."""
+    pipeline = cache.pipeline(model)
+    every = np.arange(len(imgs))
+    return average_over_views(
+        pipeline.run, np.stack([to_model_input(img) for img in imgs]),
+        [(every, np.stack([to_model_input(VIEWS[v](img)) for img in imgs]))
+         for v in (model.views if with_views else ())])
 
 
 def predict_images_bytes(cache: ModelCache, model: LoadedModel, images: list[bytes],
-                         max_pixels: int) -> np.ndarray:
+                         max_pixels: int, with_views: bool) -> np.ndarray:
     """Probabilities [N, C] for images without cached embeddings (already validated), in one
-    graph call. Same decode path as the embedding worker, so both routes give the same answer."""
-    x = np.stack([to_model_input(load_rgb(data, max_pixels=max_pixels, draft_size=INPUT_SIZE))
-                  for data in images])
-    return cache.pipeline(model).run(x)
+    graph call (per view, ``with_views``). Same decode path as the embedding worker, so both
+    routes give the same answer."""
+    return predict_inputs(cache, model, [load_rgb(data, max_pixels=max_pixels,
+                                                  draft_size=INPUT_SIZE) for data in images],
+                          with_views)
 
 
-def predict_rgb(cache: ModelCache, model: LoadedModel, img: PILImage.Image) -> np.ndarray:
-    """Probabilities [C] for an RGB image decoded with ``draft_size=INPUT_SIZE``."""
-    return cache.pipeline(model).run(to_model_input(img)[None])[0]
+def predict_rgb(cache: ModelCache, model: LoadedModel, img: PILImage.Image,
+                with_views: bool = True) -> np.ndarray:
+    """Probabilities [C] for an RGB image decoded with ``draft_size=INPUT_SIZE`` (averaged
+    over the model's views with ``with_views``)."""
+    return predict_inputs(cache, model, [img], with_views)[0]
 
 
 def to_prediction(model: LoadedModel, probs: np.ndarray, width: int, height: int) -> Prediction:

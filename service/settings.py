@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     # train the frozen head also on turned, reframed and mirrored views of each labeled image
     # (models/views.py); off where those change the label (e.g. left/right, orientation)
     head_views: bool = True
+    # average a frozen head's probabilities over each image and four of those views (embedded
+    # once per image at upload: 5 backbone passes instead of 1); off with head_views' reasons
+    # or where upload throughput matters more than 2-3 points of accuracy
+    prediction_views: bool = True
     finetune: bool = True  # try fine-tuning the top of the backbone once classes have many labels
 
     # dataset import/export (archives are checked before anything is extracted)

@@ -21,7 +21,7 @@ import pytest
 from sklearn.metrics import average_precision_score
 from sqlalchemy import select
 
-from models.views import VIEWS
+from models.views import PREDICTION_VIEWS, VIEWS
 from service.db import session_scope
 from service.tables import Embedding
 from tests.conftest import (
@@ -114,8 +114,10 @@ def test_multiclass_core_loop(stack: tuple[Api, WorkerProcess]) -> None:
     assert len(models) == 1 and models[0]["promoted"] and models[0]["version"] == 1
     metrics = models[0]["metrics"]
     assert metrics["labeled_images"] == 30
-    # the frozen head trained also on 4 views of each labeled crop, embedded once and kept
+    # the frozen head trained also on views of each labeled crop, embedded once and kept, and
+    # its predictions average over four of them (embedded with every upload)
     assert models[0]["kind"] == "frozen_linear" and metrics["head_views"] == list(VIEWS)
+    assert metrics["prediction_views"] == list(PREDICTION_VIEWS)
     assert view_counts(api, [ids[c.name] for c in train]) == {v: 30 for v in VIEWS}
     assert metrics["folds"] == 5 and metrics["n_images"] == 30
     assert set(metrics["per_class"]) == set(RANKS)
@@ -157,13 +159,20 @@ def test_multiclass_core_loop(stack: tuple[Api, WorkerProcess]) -> None:
     # the single route answers the same suggestion (same id: served once per model)
     one = api.get(f"/api/v1/images/{test_ids[0]}/suggestions", role="annotator").json()
     assert one == items[0]
-    # ad-hoc prediction of the same bytes runs the full ONNX pipeline and agrees
-    adhoc = api.post(f"/api/v1/projects/{pid}/predict", role="annotator",
+    # ad-hoc prediction of the same bytes with views=true runs the full ONNX pipeline on the
+    # image and its prediction views and agrees with the stored suggestion (from cached view
+    # embeddings); by default it reads the image alone, which gives other confidences
+    adhoc = api.post(f"/api/v1/projects/{pid}/predict", role="annotator", params={"views": True},
                      files={"file": ("x.jpg", test[0].data, "image/jpeg")}).json()
     assert adhoc["suggestion_id"] is None
     assert (adhoc["width"], adhoc["height"]) == (one["width"], one["height"])
     for a, b in zip(adhoc["scores"], one["scores"], strict=True):
         assert a["label"] == b["label"] and abs(a["confidence"] - b["confidence"]) < 1e-3
+    alone = api.post(f"/api/v1/projects/{pid}/predict", role="annotator",
+                     files={"file": ("x.jpg", test[0].data, "image/jpeg")}).json()
+    assert alone["model_version"] == 1 and len(alone["scores"]) == 6
+    assert max(abs(a["confidence"] - {b["label"]: b["confidence"] for b in one["scores"]}[
+        a["label"]]) for a in alone["scores"]) > 1e-3
 
     # accept one suggestion, correct another: acceptance statistics per model version
     label(api, test_ids[0], [items[0]["tags"][0]["label"]], source="suggestion_accepted",
@@ -186,6 +195,8 @@ def test_multiclass_core_loop(stack: tuple[Api, WorkerProcess]) -> None:
         time.sleep(0.5)
         stats = api.get(f"/api/v1/projects/{pid}/stats").json()
     assert stats["embedded"] == len(train) + len(test), worker.tail()
+    # each upload's prediction views came with its embedding (the two labeled since: all views)
+    assert view_counts(api, test_ids[2:]) == {v: len(test) - 2 for v in PREDICTION_VIEWS}
 
     # uncertainty order: unlabeled images, least certain first, all scored by the model
     page = api.get(f"/api/v1/projects/{pid}/images", role="annotator",

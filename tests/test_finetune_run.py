@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -57,13 +58,21 @@ def test_finetune_tried_and_served(tmp_path: Path, sqlite_url: str, cache_dir: P
             else:
                 assert model["kind"] == "frozen_linear" and row.backbone_key is None
         unlabeled = ids[len(crops):]
+        # once the worker embedded them (the reconciler re-sends what the run overtook), their
+        # suggestions are its stored ones, not computed in the request
+        deadline = time.monotonic() + 120
+        while api.get(f"/api/v1/projects/{pid}/stats").json()["embedded"] < len(ids) and \
+                time.monotonic() < deadline:
+            time.sleep(0.5)
         items = api.post(f"/api/v1/projects/{pid}/suggestions",
                          json={"image_ids": unlabeled}).json()["items"]
         floor = model["metrics"]["suggestion_floor"]["min_confidence"]
         assert len(items) == len(unlabeled)
         # the top class is suggested where the held-out predictions vouch for its confidence
         assert all(bool(i["tags"]) == (i["scores"][0]["confidence"] >= floor) for i in items)
+        # with the views a frozen head's stored suggestions average over (none if fine-tuned)
         adhoc = api.post(f"/api/v1/projects/{pid}/predict", role="annotator",
+                         params={"views": True},
                          files={"file": ("x.jpg", extra[0].data, "image/jpeg")}).json()
         for a, b in zip(adhoc["scores"], items[0]["scores"], strict=True):
             assert a["label"] == b["label"] and abs(a["confidence"] - b["confidence"]) < 1e-3

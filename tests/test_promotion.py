@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from models.detection_data import load_voc_samples
 from models.detection_eval import image_matches
@@ -53,6 +54,25 @@ def test_head_rows_add_each_images_views() -> None:
     np.testing.assert_array_equal(x, np.concatenate([data.x[[4, 1]], views[0, [4, 1]],
                                                      views[1, [4, 1]]]))
     np.testing.assert_array_equal(y, np.tile(data.y[[4, 1]], 3))
+
+
+def test_predict_averages_over_the_loaded_prediction_views() -> None:
+    data = toy_set(12)
+    params = train_head(data.x, data.y, "multiclass", 3, torch.device("cpu"))
+    rows = np.array([5, 0, 7])
+    np.testing.assert_allclose(data.predict(params, rows), predict_proba(params, data.x[rows]),
+                               atol=1e-6)  # no views loaded: the image's own prediction
+    # views that look like other images (of other classes): the average must move
+    data.predict_views = np.stack([np.roll(data.x, 1, axis=0), np.roll(data.x, 2, axis=0)])
+    data.predict_view_names = ("mirror", "turn+15")
+    own, *views = (predict_proba(params, x[rows]) for x in (data.x, *data.predict_views))
+    np.testing.assert_allclose(data.predict(params, rows), (own + views[0] + views[1]) / 3,
+                               atol=1e-6)
+    # a promoted model is judged with only the views it serves with
+    np.testing.assert_allclose(
+        data.average(lambda x: predict_proba(params, x), rows, ["turn+15"]),
+        (own + views[1]) / 2, atol=1e-6)
+    assert not np.allclose(data.predict(params, rows), own, atol=1e-3)
 
 
 @pytest.fixture

@@ -16,11 +16,11 @@ from sqlalchemy.orm import Session
 from models.backbone import INPUT_SIZE
 from models.preprocess import to_model_input
 from models.uncertainty import uncertainty
-from models.views import VIEWS, view_key
+from models.views import PREDICTION_VIEWS, VIEWS, view_key
 from service.adapters import suggestion_out
 from service.db import insert_ignore
 from service.imaging import ImageRejected, load_rgb
-from service.inference import LoadedModel, to_prediction
+from service.inference import LoadedModel, predict_embeddings, stored_views, to_prediction
 from service.prediction import Prediction
 from service.storage import BlobMissing
 from service.tables import Embedding, Image, ModelVersion, Project, Suggestion, utcnow
@@ -108,6 +108,8 @@ def ensure_views(ctx: WorkerContext, session: Session, image_ids: Sequence[int],
                  views: Sequence[str | None], ref: BackboneRef | None = None) -> int:
     """Embed the missing ``views`` (None: the image itself) of the given images, decoding
     each image once; returns how many embeddings were added."""
+    if not views or not image_ids:
+        return 0
     backbone = ref.id if ref else ctx.backbone
     keys = {v: view_key(backbone, v) if v else backbone for v in views}
     have = set(session.execute(select(Embedding.image_id, Embedding.backbone).where(
@@ -127,17 +129,24 @@ def ensure_views(ctx: WorkerContext, session: Session, image_ids: Sequence[int],
 
 
 def embed_images(ctx: WorkerContext, image_ids: Sequence[int]) -> int:
-    """Task body: embed images (and the head's training views of labeled classification
-    images), then score them with their project's promoted model."""
+    """Task body: embed images and, for classification, their views (``models.views``), then
+    score them with their project's promoted model; returns how many embeddings were added."""
     with ctx.sessions() as session:
-        added = ensure_embeddings(ctx, session, image_ids)
-        if ctx.settings.head_views:
-            # ahead of the run that will train on them: embedding the views of 30 labeled
-            # crops in the run took ~2 s of the first model's time (benchmarks/core_loop.py)
-            labeled = list(session.scalars(select(Image.id).join(
-                Project, Project.id == Image.project_id).where(
-                Image.id.in_(image_ids), Image.labeled.is_(True), Project.task != "detection")))
-            ensure_views(ctx, session, labeled, list(VIEWS))
+        # classification images get their views embedded with them (one decode each): the
+        # prediction views of every image, for its suggestions, and the training views of a
+        # labeled one ahead of the run that will train on them (embedding the views of 30
+        # labeled crops in the run took ~2 s of the first model's time, benchmarks/core_loop.py)
+        classified = dict(session.execute(select(Image.id, Image.labeled).join(
+            Project, Project.id == Image.project_id).where(
+            Image.id.in_(image_ids), Project.task != "detection")).all())
+        settings = ctx.settings
+        predict = list(PREDICTION_VIEWS) if settings.prediction_views else []
+        train = list(VIEWS) if settings.head_views else []
+        added = ensure_views(ctx, session, [i for i in image_ids if i not in classified], [None])
+        added += ensure_views(ctx, session, [i for i, done in classified.items() if not done],
+                              [None, *predict])
+        added += ensure_views(ctx, session, [i for i, done in classified.items() if done],
+                              [None, *dict.fromkeys([*predict, *train])])
         projects = set(session.scalars(select(Image.project_id).where(Image.id.in_(image_ids))))
         for project_id in projects:
             row = promoted(session, project_id)
@@ -185,10 +194,14 @@ def score_images(ctx: WorkerContext, session: Session, project_id: int,
         stored = stored.where(Suggestion.image_id.in_(image_ids))
     rows = session.execute(query).all()
     have = set(session.scalars(stored))
-    model = LoadedModel.from_row(row)
+    model = LoadedModel.from_row(row, head)
+    # a no-op where uploads embedded them; images from before the views existed get them now
+    ensure_views(ctx, session, [r[0] for r in rows], model.views)
     for start in range(0, len(rows), 2048):
         chunk = rows[start:start + 2048]
-        probs = head.run(np.stack([np.frombuffer(r[1], np.float32) for r in chunk]))
+        probs = predict_embeddings(  # averaged over the views it serves with, where embedded
+            model, np.stack([np.frombuffer(r[1], np.float32) for r in chunk]),
+            stored_views(session, row.backbone, model.views, [r[0] for r in chunk]))
         u = uncertainty(row.task, probs, model.thresholds)  # type: ignore[arg-type]
         session.execute(update(Image), [
             {"id": r[0], "uncertainty": float(val), "uncertainty_model_id": row.id}

@@ -11,8 +11,9 @@ import torch
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models.heads import HeadParams, predict_proba, train_head
+from models.heads import HeadParams, train_head
 from models.metrics import classification_metrics
+from service.inference import prediction_views
 from service.tables import Embedding, ModelVersion
 from workers.context import WorkerContext
 from workers.embedding import ensure_embeddings, model_backbone
@@ -77,7 +78,7 @@ def out_of_fold(data: LabeledSet, task: str, num_classes: int, device: torch.dev
         fit, hold = folds != f, folds == f
         x, y = data.head_rows(np.flatnonzero(fit))
         params = train_head(x, y, task, num_classes, device)  # type: ignore[arg-type]
-        oof[hold] = predict_proba(params, data.x[hold])
+        oof[hold] = data.predict(params, np.flatnonzero(hold))
         on_fold(f)
     return oof
 
@@ -99,15 +100,16 @@ def promoted_probs(ctx: WorkerContext, session: Session, current: ModelVersion,
                        np.ndarray, np.ndarray]:
     """The promoted model's probabilities (and thresholds) on labeled rows, in ``classes`` order."""
     ref = model_backbone(current)
+    head = ctx.head(current.id, current.head_key, current.head_sha256)
     if current.backbone_key is None and current.backbone == ctx.backbone:
-        x = data.x[rows]
+        # averaged over the views it serves with (models/views.py), where they are loaded
+        raw = data.average(head.run, rows, prediction_views(current.metrics or {}))
     else:
         ids = [data.image_ids[i] for i in rows]
         ensure_embeddings(ctx, session, ids, ref)
         vectors = dict(session.execute(select(Embedding.image_id, Embedding.vector).where(
             Embedding.backbone == ref.id, Embedding.image_id.in_(ids))).all())
-        x = np.stack([np.frombuffer(vectors[i], np.float32) for i in ids])
-    raw = ctx.head(current.id, current.head_key, current.head_sha256).run(x)
+        raw = head.run(np.stack([np.frombuffer(vectors[i], np.float32) for i in ids]))
     probs = np.zeros((len(rows), len(classes)), np.float32)  # classes it lacks: never predicted
     thresholds = np.full(len(classes), 0.5, np.float32)
     for j, name in enumerate(current.classes):

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models.views import view_key
+from models.heads import HeadParams, predict_proba
+from models.views import average_over_views, view_key
 from service.tables import Annotation, Embedding, Image, Project
 from workers.context import WorkerContext
 from workers.embedding import decode_image, ensure_views
@@ -33,6 +34,9 @@ class LabeledSet:
     x: np.ndarray  # [N, D]
     y: np.ndarray  # [N] class index (multiclass) or [N, C] {0, 1} (multilabel)
     views: np.ndarray | None = None  # [V, N, D] embeddings of label-preserving views (heads)
+    # [P, N, D] embeddings of the views a frozen head's predictions are averaged over
+    predict_views: np.ndarray | None = None
+    predict_view_names: tuple[str, ...] = ()
 
     def counts(self, num_classes: int) -> np.ndarray:
         """Labeled images per class."""
@@ -49,11 +53,28 @@ class LabeledSet:
         x = np.concatenate([self.x[rows], *self.views[:, rows]])
         return x, np.concatenate([self.y[rows]] * (1 + len(self.views)))
 
+    def predict(self, params: HeadParams, rows: np.ndarray) -> np.ndarray:
+        """A frozen head's probabilities for labeled ``rows``, averaged over each image and its
+        prediction views as the service serves them."""
+        return self.average(lambda x: predict_proba(params, x), rows, self.predict_view_names)
+
+    def average(self, run: Callable[[np.ndarray], np.ndarray], rows: np.ndarray,
+                names: Sequence[str]) -> np.ndarray:
+        """``run``'s probabilities for ``rows`` averaged over each image and those of its
+        loaded prediction views that are named in ``names``."""
+        views = [] if self.predict_views is None else [
+            (np.arange(len(rows)), v[rows])
+            for name, v in zip(self.predict_view_names, self.predict_views, strict=True)
+            if name in names]
+        return average_over_views(run, self.x[rows], views)
+
 
 def load_labeled(ctx: WorkerContext, session: Session, project: Project,
-                 classes: list[str], views: Sequence[str] = ()) -> LabeledSet:
-    """Current labels with their embeddings, and those of ``views`` of each image (embedding
-    any that are missing; a view is embedded once per image and kept)."""
+                 classes: list[str], views: Sequence[str] = (),
+                 predict_views: Sequence[str] = ()) -> LabeledSet:
+    """Current labels with their embeddings, and those of ``views`` (the head trains on) and
+    ``predict_views`` (its predictions average over) of each image (embedding any that are
+    missing; a view is embedded once per image and kept)."""
     rows = session.execute(
         select(Annotation.image_id, Annotation.tags, Image.sha256)
         .join(Image, Image.id == Annotation.image_id)
@@ -62,7 +83,8 @@ def load_labeled(ctx: WorkerContext, session: Session, project: Project,
     if not rows:
         raise RunFailed("no_labels", "the project has no labeled images")
     # one decode per image for the image and all its views
-    ensure_views(ctx, session, [r[0] for r in rows], [None, *views])
+    ensure_views(ctx, session, [r[0] for r in rows],
+                 [None, *dict.fromkeys([*views, *predict_views])])
     vectors = dict(session.execute(select(Embedding.image_id, Embedding.vector).where(
         Embedding.backbone == ctx.backbone,
         Embedding.image_id.in_([r[0] for r in rows]))).all())
@@ -86,9 +108,12 @@ def load_labeled(ctx: WorkerContext, session: Session, project: Project,
     if not ids:
         raise RunFailed("no_labels", "no labeled image could be used")
     x = np.stack(xs)
-    return LabeledSet(ids, shas, x, np.asarray(ys),
-                      np.stack([view_vectors(ctx, session, ids, v, x) for v in views])
-                      if views else None)
+
+    def stacked(names: Sequence[str]) -> np.ndarray | None:
+        return np.stack([view_vectors(ctx, session, ids, v, x) for v in names]) if names else None
+
+    return LabeledSet(ids, shas, x, np.asarray(ys), stacked(views), stacked(predict_views),
+                      tuple(predict_views))
 
 
 def view_vectors(ctx: WorkerContext, session: Session, image_ids: list[int], view: str,

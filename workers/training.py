@@ -14,7 +14,7 @@ from models.heads import train_head
 from models.metrics import choose_confidence_floor, choose_thresholds, classification_metrics
 from models.onnx_export import build_head_onnx, merge_pipeline
 from models.runtime import select_device
-from models.views import VIEWS
+from models.views import PREDICTION_VIEWS, VIEWS
 from service.storage import model_key, sha256_hex
 from service.tables import Image, ModelVersion, Project, ProjectClass, TrainingRun, utcnow
 from workers.context import BackboneRef, WorkerContext
@@ -106,7 +106,8 @@ def _train(ctx: WorkerContext, run_id: int, owner: str, hb: Heartbeat) -> str:
             return _train_detector(ctx, session, run_id, owner, hb, project.id, classes)
         hb.progress(0.02, "embedding")
         views = list(VIEWS) if ctx.settings.head_views else []
-        data = load_labeled(ctx, session, project, classes, views)
+        predict_views = list(PREDICTION_VIEWS) if ctx.settings.prediction_views else []
+        data = load_labeled(ctx, session, project, classes, views, predict_views)
         present = np.flatnonzero(data.counts(len(classes)))
         if task == "multiclass" and len(present) < 2:
             raise RunFailed("one_class", "multiclass training needs labels of at least two "
@@ -129,8 +130,8 @@ def _train(ctx: WorkerContext, run_id: int, owner: str, hb: Heartbeat) -> str:
         cand = tuned or frozen
         cand.metrics.update(labeled_images=len(data.image_ids), folds=k, finetune=report,
                             train_images=len(cand.train_idx))
-        if cand is frozen:  # the views its head also trained on (models/views.py)
-            cand.metrics["head_views"] = views
+        if cand is frozen:  # the views its head trained on and averages over (models/views.py)
+            cand.metrics.update(head_views=views, prediction_views=predict_views)
         if task == "multiclass":
             cand.metrics["suggestion_floor"] = suggestion_floor(
                 data, cand, ctx.settings.suggestion_min_precision)

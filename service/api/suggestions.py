@@ -27,6 +27,7 @@ from service.inference import (
     predict_embeddings,
     predict_images_bytes,
     predict_rgb,
+    stored_views,
     to_prediction,
 )
 from service.prediction import Prediction
@@ -51,9 +52,10 @@ def require_model(session: Session, project_id: int) -> ModelVersion:
     return row
 
 
-def predictions(ctx: AppContext, model: LoadedModel, images: list[Image],
-                vectors: dict[int, bytes]) -> dict[int, Prediction]:
-    """Canonical predictions for stored images: from cached embeddings where possible."""
+def predictions(session: Session, ctx: AppContext, model: LoadedModel, row: ModelVersion,
+                images: list[Image], vectors: dict[int, bytes]) -> dict[int, Prediction]:
+    """Canonical predictions for stored images: from cached embeddings, averaged with those
+    of the model's prediction views, where the worker has embedded the image."""
     out: dict[int, Prediction] = {}
     if model.task == "detection":  # the detector reads the full image
         for image in images:
@@ -65,13 +67,17 @@ def predictions(ctx: AppContext, model: LoadedModel, images: list[Image],
     embedded = [i for i in images if i.id in vectors]
     if embedded:
         x = np.stack([np.frombuffer(vectors[i.id], np.float32) for i in embedded])
-        probs.update(zip([i.id for i in embedded], predict_embeddings(model, x), strict=True))
-    todo = [i for i in images if i.id not in probs]  # not embedded yet: the whole pipeline
+        views = stored_views(session, row.backbone, model.views, [i.id for i in embedded])
+        probs.update(zip([i.id for i in embedded], predict_embeddings(model, x, views),
+                         strict=True))
+    # not embedded yet: the whole pipeline, on the image alone (its views would cost 4 more
+    # backbone passes in the request: Label Studio's cold /predict waits on these)
+    todo = [i for i in images if i.id not in probs]
     for start in range(0, len(todo), PIPELINE_BATCH):
         batch = todo[start:start + PIPELINE_BATCH]
         probs.update(zip([i.id for i in batch], predict_images_bytes(
             ctx.models, model, [ctx.blobs.get(i.storage_key) for i in batch],
-            ctx.settings.max_image_pixels), strict=True))
+            ctx.settings.max_image_pixels, with_views=False), strict=True))
     return {i.id: to_prediction(model, probs[i.id], i.width, i.height) for i in images}
 
 
@@ -95,7 +101,7 @@ def suggest(session: Session, ctx: AppContext, images: list[Image], row: ModelVe
             vectors = dict(session.execute(select(Embedding.image_id, Embedding.vector).where(
                 Embedding.backbone == row.backbone,
                 Embedding.image_id.in_([i.id for i in todo]))).all())
-        preds = predictions(ctx, model, todo, vectors or {})
+        preds = predictions(session, ctx, model, row, todo, vectors or {})
         fresh = {iid: suggestion_out(p, model.model_id, model.version, uuid.uuid4().hex,
                                      iid).model_dump(mode="json")
                  for iid, p in preds.items()}
@@ -186,9 +192,15 @@ def batch_suggestions(pid: PathId, body: SuggestionBatchIn, session: SessionDep,
     return JSONResponse({"items": [shown(served[i], include_low) for i in body.image_ids]})
 
 
+WithViews = Annotated[bool, Query(description="classification: average over the image and the "
+                                  "model's prediction views, as stored suggestions are (about "
+                                  "5x the model time); by default the image alone")]
+
+
 @router.post("/projects/{pid}/predict", response_model=SuggestionOut)
 def predict(pid: PathId, file: UploadFile, session: SessionDep, ctx: CtxDep,
-            key: AnnotatorKey, include_low: IncludeLow = False) -> JSONResponse:
+            key: AnnotatorKey, include_low: IncludeLow = False,
+            views: WithViews = False) -> JSONResponse:
     """Suggestions for an uploaded image (multipart ``file``); nothing is stored."""
     visible_project(session, key, pid)
     row = require_model(session, pid)
@@ -204,6 +216,8 @@ def predict(pid: PathId, file: UploadFile, session: SessionDep, ctx: CtxDep,
     if detection:
         pred = detect_rgb(ctx.models, model, img)
     else:
-        pred = to_prediction(model, predict_rgb(ctx.models, model, img), info.width, info.height)
+        # by default the image alone: one backbone pass instead of 1 + len(model.views)
+        probs = predict_rgb(ctx.models, model, img, with_views=views)
+        pred = to_prediction(model, probs, info.width, info.height)
     return JSONResponse(shown(suggestion_out(pred, model.model_id, model.version, None, None)
                               .model_dump(mode="json"), include_low))

@@ -10,7 +10,7 @@ from PIL import Image
 
 from models.heads import predict_proba, train_head
 from models.runtime import OnnxModel
-from models.views import VIEWS, view_key
+from models.views import PREDICTION_VIEWS, VIEWS, average_over_views, view_key
 from tests.models.cards import CLASSES, crops, load_split
 from tests.models.conftest import CardData, embed
 
@@ -37,6 +37,22 @@ def test_views_keep_the_picture() -> None:
     assert VIEWS["brighter"](img).getpixel((30, 20)) == (255, 13, 13)  # clipped at 255
     assert VIEWS["darker"](img).getpixel((30, 20)) == (150, 7, 7)
     assert all(VIEWS[v](img).size == (60, 40) for v in ("mirror", "brighter", "darker"))
+
+
+def test_average_over_views_uses_the_views_each_image_has() -> None:
+    plain = np.array([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
+    calls = []
+
+    def run(x: np.ndarray) -> np.ndarray:
+        calls.append(len(x))
+        return x
+
+    out = average_over_views(run, plain, [(np.array([0, 2]), np.array([[0.0, 1.0], [1.0, 0.0]])),
+                                          (np.array([0]), np.array([[0.5, 0.5]])),
+                                          (np.array([], int), np.zeros((0, 2)))])
+    np.testing.assert_allclose(out, [[0.5, 0.5], [0.0, 1.0], [0.75, 0.25]])
+    assert out.dtype == np.float32 and calls == [3, 2, 1]  # an empty view is not run
+    assert set(PREDICTION_VIEWS) <= set(VIEWS)
 
 
 def test_view_key_names_the_view() -> None:
