@@ -250,8 +250,10 @@ class Simulation:
                                "model_version": version, "training_wait_s": round(waited, 1)}
         if version is None:
             return {**out, "metric": None}
+        # views=true: held-out images are judged as the service judges the images it stores
+        # (a frozen head averaged over its prediction views; no-op for other models)
         predictions = [self.client.call("POST", f"/projects/{self.pid}/predict",
-                                        params={"include_low": "true"},
+                                        params={"include_low": "true", "views": "true"},
                                         files={"file": (t.name, t.data)}) for t in self.holdout]
         if self.task == "detection":
             out["metric_name"] = "map50"
