@@ -109,20 +109,23 @@ def load_labeled(ctx: WorkerContext, session: Session, project: Project,
         raise RunFailed("no_labels", "no labeled image could be used")
     x = np.stack(xs)
 
+    # each view read once: the prediction views are among the training views
+    loaded = {v: view_vectors(session, ctx.backbone, ids, v, x)
+              for v in dict.fromkeys([*views, *predict_views])}
+
     def stacked(names: Sequence[str]) -> np.ndarray | None:
-        return np.stack([view_vectors(ctx, session, ids, v, x) for v in names]) if names else None
+        return np.stack([loaded[v] for v in names]) if names else None
 
     return LabeledSet(ids, shas, x, np.asarray(ys), stacked(views), stacked(predict_views),
                       tuple(predict_views))
 
 
-def view_vectors(ctx: WorkerContext, session: Session, image_ids: list[int], view: str,
+def view_vectors(session: Session, backbone: str, image_ids: list[int], view: str,
                  plain: np.ndarray) -> np.ndarray:
-    """[N, D] embeddings of a view of the images (an image whose view cannot be made keeps
-    its plain embedding ``plain``)."""
-    ensure_views(ctx, session, image_ids, [view])
+    """[N, D] stored embeddings of a view of the images (embedded by ``ensure_views``; an
+    image whose view could not be made keeps its plain embedding ``plain``)."""
     vectors = dict(session.execute(select(Embedding.image_id, Embedding.vector).where(
-        Embedding.backbone == view_key(ctx.backbone, view),
+        Embedding.backbone == view_key(backbone, view),
         Embedding.image_id.in_(image_ids))).all())
     out = plain.copy()
     for n, image_id in enumerate(image_ids):
