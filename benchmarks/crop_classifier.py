@@ -21,9 +21,13 @@ worker gives it at its 900 s budget) and reports test mAP@.5 of the detector alo
 shipped crop stage, and with an oracle stage that gives each kept box the class of the
 ground-truth box it overlaps (IoU >= 0.5): the ceiling better crop classes can reach.
 
-It prints a table and writes ``benchmarks/results/<name>.{json,md}``.
+It prints a table and writes ``benchmarks/results/<name>.{json,md}``. With ``--views`` it
+runs only the training-views study instead: crop accuracy at few labeled images (``--sizes``,
+``--seeds``) with the stage's quarter-turn views alone and with the classification views added,
+written to ``benchmarks/results/<name>_views.{json,md}``.
 
     .venv/bin/python benchmarks/crop_classifier.py [--oracle-budget 780] [--name crop_classifier]
+    .venv/bin/python benchmarks/crop_classifier.py --views [--sizes 25,50] [--seeds 0,1,2]
 """
 
 from __future__ import annotations
@@ -59,12 +63,14 @@ from benchmarks.detection import (
 from models.backbone import Normalize, load_backbone
 from models.box_classifier import (
     BoxClassifierConfig,
+    CropView,
     _jitter,
     _training_views,
     crop_stage_reserve,
     rescore_all,
     rescore_detections,
     train_box_classifier,
+    view_of_crop,
 )
 from models.detection_eval import detection_metrics
 from models.detection_train import TrainConfig, train_detector
@@ -72,9 +78,9 @@ from models.detection_types import DetectionSample
 from models.detector import load_detector
 from models.finetune import FinetuneConfig, finetune
 from models.heads import predict_proba, train_head
+from models.views import PREDICTION_VIEWS
 
 Json = dict[str, Any]
-View = tuple[int, np.ndarray, int]  # sample index, xyxy box, quarter turns
 CPU = torch.device("cpu")
 BATCH = 32
 CORNER_SIDE = 0.35  # corner crops: this share of the box's width and height
@@ -101,7 +107,7 @@ def _corner_boxes(box: np.ndarray) -> np.ndarray:
                      [x1 - w, y1 - h, x1, y1], [x0, y1 - h, x0 + w, y1]], np.float32)
 
 
-def crops_of(samples: Sequence[DetectionSample], views: Sequence[View], size: int = 224,
+def crops_of(samples: Sequence[DetectionSample], views: Sequence[CropView], size: int = 224,
              any_angle: bool = False, gray: bool = False, corners: bool = False,
              seed: int = 5) -> torch.Tensor:
     """Float crops [N,3,size,size] (0-255) of the views; with ``corners`` [N*4,...] (4 per
@@ -109,7 +115,7 @@ def crops_of(samples: Sequence[DetectionSample], views: Sequence[View], size: in
     image is turned about the box centre and the box around the turned box is cropped)."""
     rng = np.random.default_rng(seed)
     out = []
-    for i, box, turns in views:
+    for i, box, turns, view in views:
         image = torch.tensor(samples[i].image).permute(2, 0, 1).float()
         if any_angle and turns:
             degrees = float(rng.uniform(0, 360))
@@ -119,6 +125,8 @@ def crops_of(samples: Sequence[DetectionSample], views: Sequence[View], size: in
         boxes = _corner_boxes(box) if corners else box[None]
         cut = roi_align(image[None], [torch.from_numpy(boxes)], (size, size), 1.0, 0, True)
         cut = torch.rot90(cut, turns, (-2, -1))
+        if view is not None:
+            cut = torch.stack([view_of_crop(c, view) for c in cut])
         if gray:
             cut = (cut * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, True)
             cut = cut.expand(-1, 3, -1, -1)
@@ -227,8 +235,8 @@ def crop_study(ds: Dataset, train: Sequence[DetectionSample]) -> list[Json]:
     views, y = _training_views(train, BoxClassifierConfig())
     rng = np.random.default_rng(1)
     test = ds.test.samples
-    exact = [(i, box, 0) for i, s in enumerate(test) for box in s.boxes]
-    jittered = [(i, _jitter(box, TEST_JITTER, rng), t) for i, box, t in exact]
+    exact = [CropView(i, box, 0) for i, s in enumerate(test) for box in s.boxes]
+    jittered = [v._replace(box=_jitter(v.box, TEST_JITTER, rng)) for v in exact]
     truth = np.concatenate([s.labels for s in test])
     classes = list(ds.classes)
     model = Features().eval()
@@ -279,6 +287,64 @@ def crop_study(ds: Dataset, train: Sequence[DetectionSample]) -> list[Json]:
     run("fine-tuned top 2 stages, 60 steps", lambda: finetuned(crops[0], y, crops[1:], 2, 60))
     run("fine-tuned top 3 stages, 300 steps", lambda: finetuned(crops[0], y, crops[1:], 3, 300))
     return rows
+
+
+def views_study(ds: Dataset, sizes: Sequence[int], seeds: Sequence[int]) -> list[Json]:
+    """Crop accuracy on the test split's jittered ground-truth boxes at few labeled images:
+    the head trained on the quarter-turn views alone (the stage before) against the shipped
+    views (those plus the classification views), and either one averaged at test time over
+    ``models.views.PREDICTION_VIEWS`` of each crop."""
+    rng = np.random.default_rng(1)
+    test = ds.test.samples
+    jittered = [CropView(i, _jitter(box, TEST_JITTER, rng), 0)
+                for i, s in enumerate(test) for box in s.boxes]
+    truth = np.concatenate([s.labels for s in test])
+    model = Features().eval()
+
+    def embed(samples: Sequence[DetectionSample], views: Sequence[CropView]) -> np.ndarray:
+        return featurize(model, crops_of(samples, views), ("gap",))["gap"].numpy()
+
+    plain = embed(test, jittered)
+    viewed = [embed(test, [v._replace(view=n) for v in jittered]) for n in PREDICTION_VIEWS]
+    rows = []
+    for size in sizes:
+        for seed in seeds:
+            train = subset(ds, str(size), seed).samples
+            views, y = _training_views(train, BoxClassifierConfig())
+            x = embed(train, views)
+            turned = np.asarray([v.view is None for v in views])
+            for name, keep in (("quarter turns only (before)", turned),
+                               ("shipped: + classification views", np.ones_like(turned))):
+                head = train_head(x[keep], y[keep], "multiclass", len(ds.classes), CPU)
+                probs = predict_proba(head, plain)
+                averaged = (probs + sum(predict_proba(head, v) for v in viewed)) / (1 + len(viewed))
+                row = {"images": size, "seed": seed, "variant": name,
+                       "training_views": int(keep.sum()),
+                       "accuracy": float((probs.argmax(1) == truth).mean()),
+                       "accuracy_prediction_views": float((averaged.argmax(1) == truth).mean())}
+                log(f"{size} images, seed {seed}, {name}: {row['accuracy']:.3f} "
+                    f"({row['accuracy_prediction_views']:.3f} averaged over views)")
+                rows.append(row)
+    return rows
+
+
+def views_markdown(res: Json) -> str:
+    """The views study as a Markdown report (means over the seeds)."""
+    lines = ["# Crop-stage training views (cards, few labeled images)", "",
+             f"Generated {res['generated']} on {res['machine']['cpu_model']} "
+             f"({res['machine']['cpu_count']} cores). Crop accuracy on the test split's "
+             f"{res['test_boxes']} ground-truth boxes jittered {TEST_JITTER:.0%}, linear head on "
+             f"frozen Lite0 embeddings, seeds {res['seeds']} (the benchmark's nested subsets).", "",
+             "| labeled images | training views | crop accuracy | per seed | "
+             "averaged over prediction views |", "|---|---|---|---|---|"]
+    rows = res["views"]
+    for size in res["sizes"]:
+        for name in dict.fromkeys(r["variant"] for r in rows):
+            got = [r for r in rows if r["images"] == size and r["variant"] == name]
+            per = " / ".join(f"{r['accuracy']:.3f}" for r in got)
+            lines.append(f"| {size} | {name} | {np.mean([r['accuracy'] for r in got]):.3f} | "
+                         f"{per} | {np.mean([r['accuracy_prediction_views'] for r in got]):.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 def oracle(ds: Dataset, train: Sequence[DetectionSample], budget_s: float) -> Json:
@@ -358,9 +424,26 @@ def main() -> int:
     parser.add_argument("--oracle-budget", type=float, default=None,
                         help="also train the detector this long and report the oracle ceiling")
     parser.add_argument("--name", default="crop_classifier")
+    parser.add_argument("--views", action="store_true",
+                        help="only the training-views study (writes <name>_views.{json,md})")
+    parser.add_argument("--sizes", default="25,50", help="labeled images, for --views")
+    parser.add_argument("--seeds", default="0,1,2", help="subset seeds, for --views")
     args = parser.parse_args()
     torch.set_num_threads(1)  # as the worker's crop stage
     ds = load_dataset("cards")
+    if args.views:
+        sizes = [int(v) for v in args.sizes.split(",")]
+        seeds = [int(v) for v in args.seeds.split(",")]
+        res = {"generated": datetime.now(UTC).isoformat(timespec="seconds"),
+               "machine": machine_info(), "sizes": sizes, "seeds": seeds,
+               "test_boxes": int(sum(len(s.boxes) for s in ds.test.samples)),
+               "views": views_study(ds, sizes, seeds)}
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / f"{args.name}_views.json").write_text(json.dumps(res, indent=2, default=str))
+        report = views_markdown(res)
+        (RESULTS / f"{args.name}_views.md").write_text(report)
+        print(report)
+        return 0
     train = subset(ds, "100", 0).samples
     views, _ = _training_views(train, BoxClassifierConfig())
     res: Json = {

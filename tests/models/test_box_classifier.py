@@ -20,11 +20,13 @@ from models.box_classifier import (
     quarter_turns,
     rescore,
     train_box_classifier,
+    view_of_crop,
     views_within,
 )
 from models.detection_data import load_voc_samples
 from models.detection_types import Detections, DetectionSample
 from models.heads import HeadParams
+from models.views import VIEWS
 from tests.models.cards import CARDS
 
 CARD_CLASSES = ("ace", "king", "nine", "jack", "queen", "ten")
@@ -124,11 +126,39 @@ def test_training_views_are_capped_and_class_balanced() -> None:
     few = BoxClassifierConfig(max_views_per_box=8, max_training_views=240)
     views, y = _training_views([sample], few)
     assert len(views) == len(y) == 240 and len(y) == 60 * 4  # 4 views per box fit the cap
-    assert {turns for _, _, turns in views} == {0, 1, 2, 3}
+    assert {v.turns for v in views} == {0, 1, 2, 3}
+    assert {v.view for v in views} == {None}  # the quarter turns come first
     tight = BoxClassifierConfig(max_training_views=20)
     views, y = _training_views([sample], tight)
     assert len(y) == 20
     assert 5 <= int((y == 1).sum()) <= 15  # balanced draw, not the 1-in-6 of the boxes
+
+
+def test_roomy_training_views_add_the_classification_views(cards: list[DetectionSample]
+                                                          ) -> None:
+    """With room, each box gets its 8 turned views and then each classification view of its
+    upright labeled box, all with the box's label."""
+    sample = cards[0]
+    views, y = _training_views([sample], BoxClassifierConfig())
+    per_box = 8 + len(VIEWS)
+    assert len(views) == per_box * len(sample.labels)
+    for k, box_views in enumerate(views[i:i + per_box] for i in range(0, len(views), per_box)):
+        assert [v.view for v in box_views[8:]] == list(VIEWS)
+        assert all(v.turns == 0 and np.array_equal(v.box, sample.boxes[k])
+                   for v in box_views[8:])
+        assert y[k * per_box:(k + 1) * per_box].tolist() == [sample.labels[k]] * per_box
+
+
+def test_view_of_crop_applies_the_named_view(cards: list[DetectionSample]) -> None:
+    image = torch.tensor(cards[0].image).permute(2, 0, 1).float()
+    crop = crop_boxes(image, torch.from_numpy(cards[0].boxes[:1]))[0].round()
+    mirrored = view_of_crop(crop, "mirror")
+    assert mirrored.shape == crop.shape
+    assert torch.equal(mirrored, crop.flip(-1))
+    turned = view_of_crop(crop, "turn+30")
+    assert turned.shape == crop.shape and not torch.equal(turned, crop)
+    assert float(turned[:, 0, 0].sub(128).abs().max()) < 1  # the turned-in corner is grey
+    assert float(view_of_crop(crop, "darker").mean()) < float(crop.mean())
 
 
 def test_training_needs_two_classes(cards: list[DetectionSample]) -> None:
