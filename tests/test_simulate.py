@@ -18,6 +18,7 @@ from service.simulate.aggregate import aggregate
 from service.simulate.aggregate import markdown as aggregate_markdown
 from service.simulate.compare import compare_boxes
 from service.simulate.driver import group_alive
+from service.simulate.run import model_summary
 from tests.conftest import REPO
 from tests.images import card_crops
 
@@ -66,6 +67,23 @@ def children_serving(parent: int) -> list[int]:
         if ppid == parent and b"serve" in cmdline and b"service.cli" in cmdline:
             found.append(int(entry.name))
     return found
+
+
+def test_model_summary_keeps_the_crop_stage_decision() -> None:
+    """A detector's entry says whether its crop stage was used; a head's has no such key."""
+    crops = {"used": True, "reason": "...", "val_map50_detector": 0.41,
+             "val_map50_rescored": 0.58, "training_views": 1280, "seconds": 70.2}
+    detector = {"version": 3, "promoted": True, "metrics": {
+        "labeled_images": 48, "training": {"epochs": 40, "box_classifier": crops}}}
+    assert model_summary(detector) == {
+        "version": 3, "promoted": True, "labeled_images": 48, "suggestion_floor": None,
+        "crop_stage": {"used": True, "val_map50_detector": 0.41, "val_map50_rescored": 0.58}}
+    head = {"version": 1, "promoted": False,
+            "metrics": {"labeled_images": 30, "suggestion_floor": {"min_confidence": 0.4}}}
+    assert model_summary(head) == {"version": 1, "promoted": False, "labeled_images": 30,
+                                   "suggestion_floor": {"min_confidence": 0.4}}
+    assert model_summary({"version": 2, "promoted": False, "metrics": None})[
+        "labeled_images"] is None
 
 
 def test_stopped_simulation_stops_its_server(tmp_path: Path) -> None:

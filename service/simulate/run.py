@@ -95,6 +95,21 @@ def split_holdout(truth: Sequence[Truth], share: float, seed: int) -> tuple[list
     return sorted(order[cut:], key=lambda t: t.name), sorted(order[:cut], key=lambda t: t.name)
 
 
+def model_summary(model: dict[str, Any]) -> dict[str, Any]:
+    """What the session log keeps of a trained model (``GET /projects/{id}/models`` entry):
+    for a detector also whether its crop stage was used, and the validation mAP@.5 it was
+    decided on."""
+    metrics = model["metrics"] or {}
+    out = {"version": model["version"], "promoted": model["promoted"],
+           "labeled_images": metrics.get("labeled_images"),
+           "suggestion_floor": metrics.get("suggestion_floor")}
+    crops = (metrics.get("training") or {}).get("box_classifier")
+    if isinstance(crops, dict):
+        out["crop_stage"] = {k: crops.get(k) for k in
+                             ("used", "val_map50_detector", "val_map50_rescored")}
+    return out
+
+
 class Simulation:
     """An annotator labeling ``pool`` in one new project of a running prelabel."""
 
@@ -178,12 +193,8 @@ class Simulation:
             if log:
                 log.close()
         self.session.seconds = time.monotonic() - start
-        self.session.models = [
-            {"version": m["version"], "promoted": m["promoted"],
-             "labeled_images": (m["metrics"] or {}).get("labeled_images"),
-             "suggestion_floor": (m["metrics"] or {}).get("suggestion_floor")}
-            for m in sorted(self.client.call("GET", f"/projects/{self.pid}/models"),
-                            key=lambda m: m["version"])]
+        self.session.models = [model_summary(m) for m in sorted(
+            self.client.call("GET", f"/projects/{self.pid}/models"), key=lambda m: m["version"])]
         return self.session
 
     def step(self, iid: int, labels_before: int) -> dict[str, Any]:
