@@ -419,6 +419,14 @@ def markdown(res: Json) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write(name: str, res: Json, report: str) -> None:
+    """Write ``benchmarks/results/<name>.{json,md}`` and print the report."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(res, indent=2, default=str))
+    (RESULTS / f"{name}.md").write_text(report)
+    print(report)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--oracle-budget", type=float, default=None,
@@ -438,11 +446,7 @@ def main() -> int:
                "machine": machine_info(), "sizes": sizes, "seeds": seeds,
                "test_boxes": int(sum(len(s.boxes) for s in ds.test.samples)),
                "views": views_study(ds, sizes, seeds)}
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / f"{args.name}_views.json").write_text(json.dumps(res, indent=2, default=str))
-        report = views_markdown(res)
-        (RESULTS / f"{args.name}_views.md").write_text(report)
-        print(report)
+        write(f"{args.name}_views", res, views_markdown(res))
         return 0
     train = subset(ds, "100", 0).samples
     views, _ = _training_views(train, BoxClassifierConfig())
@@ -457,11 +461,7 @@ def main() -> int:
     if args.oracle_budget:
         res["oracle"] = oracle(ds, train, args.oracle_budget)
     res["loadavg_after"] = os.getloadavg()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(res, indent=2, default=str))
-    report = markdown(res)
-    (RESULTS / f"{args.name}.md").write_text(report)
-    print(report)
+    write(args.name, res, markdown(res))
     return 0
 
 
