@@ -54,7 +54,7 @@ from models.detector import config_for, load_detector, predict_detections
 from service.prediction import Prediction
 from service.settings import Settings
 from service.simulate.compare import compare_boxes
-from service.simulate.report import Costs
+from service.simulate.report import Costs, step_seconds
 
 Json = dict[str, Any]
 HOLDOUT = 0.2
@@ -85,10 +85,9 @@ def answer(test: Sequence[DetectionSample], detections: Sequence[Detections],
         got = compare_boxes(suggested, truth).to_dict()
         for key in edits:
             edits[key] += got[key]
-        manual += costs.draw_box * len(truth)
-        assisted += (costs.verify_box * len(suggested) + costs.adjust_box * got["moved"]
-                     + costs.relabel_box * got["relabeled"] + costs.delete_box * got["deleted"]
-                     + costs.draw_box * got["added"])
+        without, with_ = step_seconds({"boxes_true": len(truth), "edits": got}, costs, True)
+        manual += without
+        assisted += with_
     boxes = sum(len(s.labels) for s in test)
     return {"boxes": boxes, "accepted": edits["unchanged"] / boxes, "edits": edits,
             "time_saved": 1 - assisted / manual,
